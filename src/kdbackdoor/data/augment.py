@@ -1,0 +1,42 @@
+"""Batched, on-device augmentation of pixel-space images (N, C, H, W) in [0, 1]."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pad each image by ``padding`` pixels (zeros) and crop back to its size at a random offset.
+
+    One offset per image, drawn from ``generator`` (on CPU, so runs are reproducible on any device).
+    """
+    if padding <= 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])  # (N, H)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])  # (N, W)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    # Advanced indexing over (N, H, W) with channels kept: gather rows then columns.
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:
+    """Flip each image left-right with probability ``p``."""
+    flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def augment(
+    x: torch.Tensor, *, crop_padding: int = 4, hflip: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random crop with zero padding, then random horizontal flip (both optional)."""
+    x = random_crop(x, crop_padding, generator)
+    if hflip:
+        x = random_hflip(x, generator)
+    return x
