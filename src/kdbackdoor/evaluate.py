@@ -1,0 +1,91 @@
+"""Metrics, defined once: ACC, per-class accuracy, ASR and per-source-class ASR.
+
+ACC = top-1 accuracy on the clean test set.
+ASR = share of test images whose true label != target that the model assigns to the
+target once the trigger is applied (target-class images are excluded).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kdbackdoor.data.dataset import ImageDataset
+from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.runtime import autocast
+
+PixelTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, data: ImageDataset, *, device: torch.device | None = None,
+    batch_size: int = 512, transform: PixelTransform | None = None,
+) -> torch.Tensor:
+    """Predicted labels (N,) on CPU; ``transform`` maps pixel batches [0,1] before the model."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    preds = []
+    try:
+        for x, _, _ in data.batches(batch_size, device=device):
+            if transform is not None:
+                x = transform(x)
+            with autocast(device):
+                preds.append(model(x).argmax(1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(preds)
+
+
+def _per_class_rate(hits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, float]:
+    out = {}
+    for c, name in enumerate(classes):
+        sel = labels == c
+        if sel.any():
+            out[name] = float(hits[sel].float().mean())
+    return out
+
+
+def accuracy(model: torch.nn.Module, data: ImageDataset, **kwargs) -> dict:
+    """``{"acc": top-1 in [0,1], "per_class": {class: acc}, "n": count}`` on ``data``."""
+    check_compatible(model, data)
+    hits = predict(model, data, **kwargs) == data.labels.cpu()
+    return {
+        "acc": float(hits.float().mean()),
+        "per_class": _per_class_rate(hits, data.labels.cpu(), data.classes),
+        "n": len(data),
+    }
+
+
+def attack_success_rate(
+    model: torch.nn.Module, data: ImageDataset, trigger: PixelTransform, target: int, **kwargs,
+) -> dict:
+    """ASR of ``trigger`` towards ``target`` on ``data`` (target-class images excluded).
+
+    Returns ``{"asr": share in [0,1], "per_source_class": {class: asr}, "n": count}``.
+    Applied to a clean model this is the trigger's baseline ASR.
+    """
+    check_compatible(model, data)
+    if not 0 <= target < data.num_classes:
+        raise KDBackdoorError(f"target {target} out of range for {data.num_classes} classes")
+    source = data.subset(data.labels != target)
+    hits = predict(model, source, transform=trigger, **kwargs) == target
+    per_class = _per_class_rate(hits, source.labels.cpu(), data.classes)
+    return {"asr": float(hits.float().mean()), "per_source_class": per_class, "n": len(source)}
+
+
+def check_compatible(model: torch.nn.Module, data: ImageDataset) -> None:
+    """Fail clearly when a model and a data set disagree on channels or class count."""
+    num_classes = getattr(model, "num_classes", None)
+    in_channels = getattr(model, "in_channels", None)
+    if num_classes is not None and num_classes != data.num_classes:
+        raise KDBackdoorError(
+            f"model has {num_classes} classes but data set {data.name!r} has {data.num_classes}"
+        )
+    if in_channels is not None and in_channels != data.image_shape[0]:
+        raise KDBackdoorError(
+            f"model expects {in_channels}-channel images but data set {data.name!r} has "
+            f"{data.image_shape[0]} channels"
+        )

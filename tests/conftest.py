@@ -1,0 +1,49 @@
+"""Shared fixtures: the real data beside the checkout, and small in-memory data sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdbackdoor.data.dataset import ImageDataset
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``../shared`` beside the checkout; tests that need it skip when it is absent."""
+    if not (SHARED / "data").is_dir():
+        pytest.skip("../shared/data is not beside the checkout")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The embedded digits data set, (train, test)."""
+    from kdbackdoor.data.sources import load_dataset
+    return load_dataset("digits", "train", progress=False), load_dataset("digits", "test", progress=False)
+
+
+def encoded_label_dataset(n_per_class: int = 5, num_classes: int = 4, size: int = 6) -> ImageDataset:
+    """Images whose top-left pixel encodes the label (value 40·label): trivial to classify by rule."""
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    images = torch.zeros(len(labels), 1, size, size, dtype=torch.uint8)
+    images[:, 0, 0, 0] = (labels * 40).to(torch.uint8)
+    return ImageDataset(images, labels, [f"c{i}" for i in range(num_classes)], name="encoded")
+
+
+class PixelRuleModel(torch.nn.Module):
+    """Predicts round(top-left pixel · 255 / 40): perfect on ``encoded_label_dataset``."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_channels = 1
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        label = (x[:, 0, 0, 0] * 255 / 40).round().long().clamp(0, self.num_classes - 1)
+        return torch.nn.functional.one_hot(label, self.num_classes).float() + 0 * self.dummy

@@ -1,0 +1,37 @@
+import torch
+
+from kdbackdoor.data.augment import augment, random_crop, random_hflip
+
+
+def test_crop_is_a_shifted_window_of_the_padded_image():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6) / 1000
+    out = random_crop(x, 2, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        windows = [padded[i, :, dy:dy + 6, dx:dx + 6] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], w) for w in windows)
+
+
+def test_crop_draws_differ_per_image_and_are_seeded():
+    x = torch.rand(64, 1, 8, 8)
+    a = random_crop(x, 3, torch.Generator().manual_seed(1))
+    b = random_crop(x, 3, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, x)
+    shifted = [(a[i] != x[i]).any() for i in range(64)]
+    assert 40 < sum(shifted) < 64  # most, not all, images move (offset (3,3) keeps them)
+
+
+def test_hflip_flips_about_half():
+    x = torch.rand(400, 3, 4, 4)
+    out = random_hflip(x, torch.Generator().manual_seed(0))
+    flipped = torch.stack([torch.equal(out[i], x[i].flip(2)) for i in range(400)])
+    kept = torch.stack([torch.equal(out[i], x[i]) for i in range(400)])
+    assert bool((flipped | kept).all())
+    assert 150 < int(flipped.sum()) < 250
+
+
+def test_augment_without_crop_or_flip_is_identity():
+    x = torch.rand(5, 3, 8, 8)
+    assert torch.equal(augment(x, crop_padding=0, hflip=False), x)

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.models import build_model
+from kdbackdoor.runtime import seed_everything
+from kdbackdoor.training import STATE_FILE, TrainConfig, cross_entropy_loss, fit, lr_factor
+
+
+def test_onecycle_warms_up_then_decays_to_zero():
+    values = [lr_factor("onecycle", s, 100, 0.2) for s in range(100)]
+    peak = values.index(max(values))
+    assert max(values) == pytest.approx(1.0)
+    assert 15 <= peak <= 20
+    assert all(a <= b for a, b in zip(values[:peak], values[1:peak + 1]))
+    assert all(a >= b for a, b in zip(values[peak:], values[peak + 1:]))
+    assert values[-1] < 0.02
+
+
+def test_other_schedules():
+    assert lr_factor("cosine", 0, 100, 0) == pytest.approx(1.0)
+    assert lr_factor("cosine", 50, 100, 0) == pytest.approx(0.5)
+    assert [lr_factor("step", s, 100, 0) for s in (10, 60, 90)] == pytest.approx([1, 0.1, 0.01])
+    assert lr_factor("constant", 99, 100, 0) == 1.0
+
+
+def _train(digits, out, epochs=3, **kwargs):
+    train, test = digits
+    config = TrainConfig(epochs=epochs, batch_size=64, lr=0.05, crop_padding=1, hflip=False, seed=3)
+    seed_everything(config.seed)
+    model = build_model("small-cnn", num_classes=10, in_channels=1, input_size=(8, 8))
+    history = fit(model, train, config, out, loss_fn=cross_entropy_loss(), test=test,
+                  device=torch.device("cpu"), progress=False, **kwargs)
+    return model, history
+
+
+def test_fit_learns_digits(digits, tmp_path):
+    model, history = _train(digits, tmp_path, epochs=4)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["test_acc"] > 0.85
+    assert (tmp_path / STATE_FILE).exists()
+
+
+def test_same_seed_same_numbers(digits, tmp_path):
+    _, first = _train(digits, tmp_path / "a", epochs=2)
+    _, second = _train(digits, tmp_path / "b", epochs=2)
+    assert [r["loss"] for r in first] == [r["loss"] for r in second]
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(digits, tmp_path):
+    reference, ref_history = _train(digits, tmp_path / "ref", epochs=3)
+
+    def crash_after_first_epoch(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(digits, tmp_path / "run", epochs=3, on_epoch_end=crash_after_first_epoch)
+    resumed, history = _train(digits, tmp_path / "run", epochs=3, resume=True)
+    assert [r["loss"] for r in history] == [r["loss"] for r in ref_history]
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_existing_state_is_not_overwritten_without_resume(digits, tmp_path):
+    _train(digits, tmp_path, epochs=1)
+    before = (tmp_path / STATE_FILE).read_bytes()
+    with pytest.raises(KDBackdoorError, match="--resume"):
+        _train(digits, tmp_path, epochs=1)
+    assert (tmp_path / STATE_FILE).read_bytes() == before
+
+
+def test_invalid_config_is_rejected():
+    with pytest.raises(ValueError):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError):
+        TrainConfig(unknown_key=1)
