@@ -1,0 +1,8 @@
+"""Models: pixel-space classifiers, the architecture registry and safe checkpoint I/O."""
+
+# Importing the architecture modules registers them.
+from kdbackdoor.models import fast_cnn, resnet, small_cnn, vgg, wrn  # noqa: F401
+from kdbackdoor.models.classifier import Classifier
+from kdbackdoor.models.registry import available_architectures, build_model
+
+__all__ = ["Classifier", "available_architectures", "build_model"]
