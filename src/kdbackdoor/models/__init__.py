@@ -2,7 +2,14 @@
 
 # Importing the architecture modules registers them.
 from kdbackdoor.models import fast_cnn, resnet, small_cnn, vgg, wrn  # noqa: F401
+from kdbackdoor.models.checkpoint import load_checkpoint, save_checkpoint
 from kdbackdoor.models.classifier import Classifier
 from kdbackdoor.models.registry import available_architectures, build_model
 
-__all__ = ["Classifier", "available_architectures", "build_model"]
+__all__ = [
+    "Classifier",
+    "available_architectures",
+    "build_model",
+    "load_checkpoint",
+    "save_checkpoint",
+]
