@@ -351,6 +351,12 @@ def test_bad_build_arguments_raise_clear_errors(call, fragment):
         call()
 
 
+def test_numpy_integers_are_accepted_and_stored_as_plain_ints():
+    trigger = build_trigger("blend", tuple(np.array([3, 8, 8])), seed=np.int64(5))
+    assert trigger.image_shape == (3, 8, 8) and trigger.seed == 5
+    assert json.loads(json.dumps(trigger.config()))["seed"] == 5
+
+
 def test_config_of_a_changed_file_is_refused(tmp_path):
     path = tmp_path / "t.png"
     Image.fromarray(np.full((8, 8), 200, np.uint8)).save(path)

@@ -17,7 +17,8 @@ ABD's trigger files (Trap-and-Replace) are reproduced with:
     l0_inv.png + mask.npy        image:l0_inv.png?mode=mask&mask=mask.npy
     smooth_cifar10.png, smooth_gtsrb.png    image:FILE?mode=add-renormalize
 and ABD's badnet_sq, badnet_grid, cl are the defaults of badnets-square, badnets-grid,
-clean-label.
+clean-label. ABD truncates its float results to uint8; ours stay float, less than one
+8-bit level (1/255) above ABD's stored values (see ``image``).
 """
 
 # Importing the trigger modules registers them.

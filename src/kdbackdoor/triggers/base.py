@@ -7,6 +7,7 @@ device/dtype the first time a batch arrives there.
 
 from __future__ import annotations
 
+import operator
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -37,9 +38,7 @@ class Trigger(ABC):
 
     def __init__(self, image_shape: ImageShape, seed: int = 0, **params: Any) -> None:
         self.image_shape = _checked_image_shape(image_shape, self.name)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise KDBackdoorError(f"trigger '{self.name}': seed must be an integer, got {seed!r}")
-        self.seed = seed
+        self.seed = _checked_seed(seed, self.name)
         self.params = self._validated(params)
         self._patterns = self._build()  # built now so that a misfit fails at construction
         self._on_device: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
@@ -105,10 +104,9 @@ class Trigger(ABC):
                 f"trigger '{self.name}' expects float images in [0, 1], got {kind}"
             )
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
-            expected = "x".join(map(str, self.image_shape))
             raise KDBackdoorError(
-                f"trigger '{self.name}' was built for (N, {', '.join(map(str, self.image_shape))}) "
-                f"batches ({expected} images), got shape {tuple(x.shape)}"
+                f"trigger '{self.name}' was built for batches of shape (N, "
+                f"{', '.join(map(str, self.image_shape))}), got {tuple(x.shape)}"
             )
 
     def _patterns_like(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -126,15 +124,28 @@ def format_value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _integer(value: Any) -> int:
+    """``value`` as an int (NumPy integers too); TypeError for bools and non-integers."""
+    if isinstance(value, bool):
+        raise TypeError(f"{value!r} is not an integer")
+    return operator.index(value)
+
+
+def _checked_seed(seed: Any, trigger_name: str) -> int:
+    try:
+        return _integer(seed)
+    except TypeError:
+        raise KDBackdoorError(
+            f"trigger '{trigger_name}': seed must be an integer, got {seed!r}"
+        ) from None
+
+
 def _checked_image_shape(image_shape: Any, trigger_name: str) -> ImageShape:
     try:
-        shape = tuple(image_shape)
-        valid = len(shape) == 3 and all(
-            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape
-        )
+        shape = tuple(_integer(n) for n in image_shape)
     except TypeError:
-        valid = False
-    if not valid:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
         raise KDBackdoorError(
             f"trigger '{trigger_name}': image_shape must be three positive integers "
             f"(C, H, W), got {image_shape!r}"

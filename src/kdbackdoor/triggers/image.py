@@ -14,6 +14,9 @@ Files of another size are resized to the data's (``resize=antialias``, the defau
 scikit-image as ABD does; ``resize=nearest`` keeps hard edges); colours are then rounded to
 8-bit levels as ABD's ``img_as_ubyte`` does, coverage (alpha, mask) is resized the same way.
 
+``config()`` records the files' absolute paths and sha256; rebuilding from it refuses a file
+that has changed since.
+
 Against ABD's uint8 pipeline: ABD computes on 0..255 in float and truncates to uint8 at the
 end; we keep floats, so each value lies less than one 8-bit level (1/255) above ABD's.
 """

@@ -22,7 +22,7 @@ class OverlayTrigger(Trigger):
     renormalize: ClassVar[bool] = False  # min-max rescale each image after adding (ABD's smooth)
 
     def _apply(self, x: torch.Tensor, weight: torch.Tensor, overlay: torch.Tensor) -> torch.Tensor:
-        out = x * (1 - weight) + overlay
+        out = torch.addcmul(overlay, x, 1 - weight)  # x·(1 − weight) + overlay, one pass
         return renormalize_per_image(out) if self.renormalize else out
 
     def changed_mask(self) -> torch.Tensor | None:
