@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kdbackdoor.attacks.teacher_poisoning import RATE_HELP
 from kdbackdoor.errors import KDBackdoorError
 
 app = typer.Typer(
@@ -55,8 +56,24 @@ def train_teacher_cmd(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     resume: bool = typer.Option(False, help="continue an interrupted run in --out"),
     progress: bool = typer.Option(True, help="show progress bars"),
+    backdoor: Optional[str] = typer.Option(None, help="trigger spec to plant (see `kdbackdoor triggers list`); "
+                                           "none trains a clean teacher"),
+    target: int = typer.Option(0, help="backdoor target class (all-to-one)"),
+    poison_rate: float = typer.Option(0.1, help=RATE_HELP),
+    poison_mode: str = typer.Option("replace", help="replace | add (see --poison-rate)"),
+    poison_style: str = typer.Option("auto", help="dirty (relabel non-target images) | clean (poison target-class "
+                                     "images, labels kept) | auto (clean for sig and clean-label)"),
+    adv_model: Optional[Path] = typer.Option(None, help="clean model for the clean-label trigger's PGD step"),
+    adv_eps: float = typer.Option(16 / 255, help="clean-label PGD radius, L∞ in pixel units"),
+    holdout: float = typer.Option(0.0, help="share of the training set reserved as clean holdout (not trained on)"),
 ) -> None:
-    """Train a (clean) teacher; weights as safetensors with a JSON sidecar."""
+    """Train a teacher, clean or backdoored; weights as safetensors with a JSON sidecar.
+
+    With --backdoor, a seeded draw of images gets the trigger (all-to-one) before training;
+    the trigger's full definition, the rate and its meaning go into the sidecar, and every
+    training sample's provenance into provenance.npz.
+    """
+    from kdbackdoor.attacks.teacher_poisoning import PoisonConfig
     from kdbackdoor.runtime import select_device
     from kdbackdoor.teacher import train_teacher
     from kdbackdoor.training import TrainConfig
@@ -64,12 +81,20 @@ def train_teacher_cmd(
     config = _validated(TrainConfig, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                         schedule=schedule, label_smoothing=label_smoothing, crop_padding=crop_padding,
                         hflip=hflip, eval_every=eval_every, seed=seed)
+    poison = _validated(PoisonConfig, target=target, rate=poison_rate, mode=poison_mode, style=poison_style,
+                        adv_eps=adv_eps, seed=seed)
     dev = select_device(device)
     train = _load(dataset, "train", data_dir, resize, progress)
     test = _load(dataset, "test", data_dir, resize, progress)
+    trigger = _trigger(backdoor, train.image_shape, seed) if backdoor else None
+    adversary = _load_model(adv_model, dev, train) if adv_model else None
     _, record = train_teacher(train, test, arch, config, out, device=dev, resume=resume, progress=progress,
-                              metadata={"dataset": dataset_record(dataset, data_dir, resize)})
-    console.print(f"test accuracy {record['metrics']['acc']:.2%}  →  {out / 'model.safetensors'}")
+                              metadata={"dataset": dataset_record(dataset, data_dir, resize)},
+                              trigger=trigger, poison=poison if trigger else None, holdout=holdout,
+                              adversary=adversary)
+    metrics = record["metrics"]
+    asr = f", ASR {metrics['asr']:.2%}" if "asr" in metrics else ""
+    console.print(f"test accuracy {metrics['acc']:.2%}{asr}  →  {out / 'model.safetensors'}")
 
 
 @app.command("evaluate")
@@ -82,16 +107,24 @@ def evaluate_cmd(
     out: Optional[Path] = typer.Option(None, help="JSON file for the results (default: evaluation.json beside the model)"),
     batch_size: int = typer.Option(512, min=1),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    trigger: Optional[str] = typer.Option(None, help="trigger spec for ASR (default: the checkpoint's backdoor, if any)"),
+    target: Optional[int] = typer.Option(None, help="ASR target class (default: the checkpoint's)"),
 ) -> None:
-    """Top-1 accuracy, overall and per class, printed and written as JSON."""
+    """ACC overall and per class, and ASR with per-source-class ASR when a trigger is known.
+
+    ASR = share of test images whose true label differs from the target that the model
+    assigns to the target once the trigger is applied.
+    """
     from kdbackdoor.atomic import write_json
-    from kdbackdoor.evaluate import accuracy
+    from kdbackdoor.evaluate import accuracy, attack_success_rate
     from kdbackdoor.models import load_checkpoint
     from kdbackdoor.runtime import select_device
+    from kdbackdoor.triggers import build_trigger
 
     dev = select_device(device)
     net, sidecar = load_checkpoint(model, device=dev)
-    recorded = (sidecar.get("metadata") or {}).get("dataset") or {}
+    meta = sidecar.get("metadata") or {}
+    recorded = meta.get("dataset") or {}
     if dataset is None:
         if not recorded.get("spec"):
             raise KDBackdoorError(f"{model}: the checkpoint records no data set; pass --dataset")
@@ -101,16 +134,56 @@ def evaluate_cmd(
     data = _load(dataset, split, data_dir, resize)
     result = {"model": str(model), "dataset": dataset, "split": split,
               **accuracy(net, data, device=dev, batch_size=batch_size)}
+    backdoor = meta.get("backdoor") or {}
+    trig = _trigger(trigger, data.image_shape, 0) if trigger else (
+        build_trigger(backdoor["trigger"]) if backdoor.get("trigger") else None)
+    target = target if target is not None else backdoor.get("target")
+    if trig is not None:
+        if target is None:
+            raise KDBackdoorError("--trigger given without --target (the checkpoint records no target)")
+        asr = attack_success_rate(net, data, trig, target, device=dev, batch_size=batch_size)
+        result["backdoor"] = {"trigger": trig.config(), "target": target, "asr": asr["asr"],
+                              "per_source_class_asr": asr["per_source_class"], "n": asr["n"]}
     out = out or _model_dir(model) / "evaluation.json"
     write_json(out, result)
-    table = Table(title=f"{model} on {dataset}:{split}")
-    table.add_column("class")
-    table.add_column("accuracy", justify="right")
-    for name, acc in result["per_class"].items():
-        table.add_row(name, f"{acc:.2%}")
-    table.add_row("[bold]all", f"[bold]{result['acc']:.2%}")
-    console.print(table)
+    console.print(_evaluation_table(result, f"{model} on {dataset}:{split}"))
     console.print(f"written to {out}")
+
+
+triggers_app = typer.Typer(help="The trigger library: list triggers, render them on images.", no_args_is_help=True)
+app.add_typer(triggers_app, name="triggers")
+
+
+@triggers_app.command("list")
+def triggers_list_cmd() -> None:
+    """Every trigger with its parameters and defaults, and the spec syntax."""
+    from kdbackdoor.triggers import describe_syntax
+    console.print(describe_syntax(), highlight=False)
+
+
+@triggers_app.command("show")
+def triggers_show_cmd(
+    specs: list[str] = typer.Argument(..., help="one or more trigger specs, e.g. badnets-square blend:alpha=0.1"),
+    dataset: str = typer.Option("digits", help=DATASET_HELP),
+    split: str = typer.Option("test"),
+    data_dir: Optional[Path] = typer.Option(None),
+    resize: Optional[int] = typer.Option(None),
+    count: int = typer.Option(8, min=1, help="images per grid"),
+    seed: int = typer.Option(0, help="trigger seed (random patterns) and image draw"),
+    out: Path = typer.Option(Path("triggers"), help="folder for the PNG grids (one per trigger)"),
+) -> None:
+    """Write PNG grids: clean images, triggered images, and their difference (amplified)."""
+    import torch
+    from kdbackdoor.triggers import render_trigger_grid
+
+    data = _load(dataset, split, data_dir, resize)
+    rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
+    images = data.pixels(rows)
+    for spec in specs:
+        trig = _trigger(spec, data.image_shape, seed)
+        safe = "".join(ch if ch.isalnum() or ch in "-_=." else "_" for ch in spec)[:80]
+        path = render_trigger_grid(trig, images, out / f"{safe}.png", max_images=count)
+        console.print(f"{trig.describe()}  →  {path}")
 
 
 @app.command("datasets")
@@ -139,6 +212,34 @@ def demo_cmd(
     from kdbackdoor.demo import run_demo
     from kdbackdoor.runtime import select_device
     run_demo(out, device=select_device(device), progress=progress, console=console)
+
+
+def _evaluation_table(result: dict, title: str) -> Table:
+    backdoor = result.get("backdoor")
+    table = Table(title=title)
+    for column in ["class", "ACC"] + (["ASR (as source)"] if backdoor else []):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, acc in result["per_class"].items():
+        cells = [name, f"{acc:.2%}"]
+        if backdoor:
+            per_source = backdoor["per_source_class_asr"]
+            cells.append(f"{per_source[name]:.2%}" if name in per_source else "(target)")
+        table.add_row(*cells)
+    table.add_row("[bold]all", f"[bold]{result['acc']:.2%}", *([f"[bold]{backdoor['asr']:.2%}"] if backdoor else []))
+    return table
+
+
+def _trigger(spec: str, image_shape: tuple[int, int, int], seed: int):
+    from kdbackdoor.triggers import build_trigger
+    return build_trigger(spec, image_shape=image_shape, seed=seed)
+
+
+def _load_model(path: Path, device, data):
+    from kdbackdoor.evaluate import check_compatible
+    from kdbackdoor.models import load_checkpoint
+    model, _ = load_checkpoint(path, device=device)
+    check_compatible(model, data)
+    return model
 
 
 def _model_dir(path: Path) -> Path:

@@ -1,20 +1,26 @@
-"""Teacher training: build a model for a data set, train it, evaluate it, save a checkpoint."""
+"""Teacher training: build a model for a data set, train it (optionally on a poisoned set),
+evaluate it (ACC, and ASR for a backdoor), save a checkpoint with everything needed to
+rebuild its trigger."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from kdbackdoor.atomic import write_json
+from kdbackdoor.atomic import atomic_path, write_json
+from kdbackdoor.attacks.teacher_poisoning import RATE_HELP, PoisonConfig, holdout_split, poison_training_set
 from kdbackdoor.data.dataset import ImageDataset
-from kdbackdoor.evaluate import accuracy
+from kdbackdoor.evaluate import accuracy, attack_success_rate
 from kdbackdoor.models import build_model, save_checkpoint
 from kdbackdoor.runtime import seed_everything
 from kdbackdoor.training import TrainConfig, cross_entropy_loss, fit
+from kdbackdoor.triggers import Trigger
 
 MODEL_FILE = "model.safetensors"
+PROVENANCE_FILE = "provenance.npz"
 
 
 def train_teacher(
@@ -28,13 +34,29 @@ def train_teacher(
     resume: bool = False,
     progress: bool = True,
     metadata: dict | None = None,
+    trigger: Trigger | None = None,
+    poison: PoisonConfig | None = None,
+    holdout: float = 0.0,
+    adversary: torch.nn.Module | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Train ``arch`` on ``train`` and write ``out_dir/model.safetensors`` (+ ``model.json``).
 
-    ``metadata`` (data set description, poisoning plan, ...) is stored in the checkpoint's
-    sidecar. Returns the trained model and the run record also written to ``metrics.json``.
+    With ``trigger`` and ``poison`` the training set is poisoned first (see
+    ``kdbackdoor.attacks.teacher_poisoning``) and the teacher's ASR is measured; ``holdout``
+    reserves a clean share of the training data, never trained on. The provenance of every
+    training sample (poisoned, source row, original label) and the holdout rows are saved in
+    ``out_dir/provenance.npz``. ``metadata`` is stored in the checkpoint sidecar. Returns the
+    model and the run record (also written to ``metrics.json``).
     """
     out_dir = Path(out_dir)
+    train, held = holdout_split(train, holdout, config.seed)
+    backdoor = None
+    if trigger is not None:
+        poison = poison or PoisonConfig()
+        train = poison_training_set(train, trigger, poison, adversary=adversary)
+        backdoor = {"rate_meaning": RATE_HELP, **train.meta["poison"]}
+    _save_provenance(out_dir / PROVENANCE_FILE, train, held)
+
     seed_everything(config.seed)
     c, h, w = train.image_shape
     model = build_model(arch, num_classes=train.num_classes, in_channels=c, input_size=(h, w)).to(device)
@@ -42,12 +64,17 @@ def train_teacher(
     history = fit(model, train, config, out_dir, loss_fn=cross_entropy_loss(config.label_smoothing),
                   test=test, device=device, resume=resume, progress=progress, description=f"train {arch}")
     test_metrics = accuracy(model, test, device=device)
+    metrics = {"acc": test_metrics["acc"], "per_class_acc": test_metrics["per_class"]}
+    if backdoor is not None:
+        asr = attack_success_rate(model, test, trigger, backdoor["target"], device=device)
+        metrics.update(asr=asr["asr"], per_source_class_asr=asr["per_source_class"])
     record = {
         "arch": arch,
-        "train": {"name": train.name, "size": len(train)},
+        "train": {"name": train.name, "size": len(train), "holdout": {"share": holdout, "size": len(held)}},
         "test": {"name": test.name, "size": len(test)},
         "config": config.model_dump(),
-        "metrics": {"acc": test_metrics["acc"], "per_class_acc": test_metrics["per_class"]},
+        "backdoor": backdoor,
+        "metrics": metrics,
         "history": history,
         "wall_seconds_this_session": time.perf_counter() - started,
         "device": str(device),
@@ -56,3 +83,11 @@ def train_teacher(
     save_checkpoint(model, out_dir / MODEL_FILE, classes=train.classes, metadata=record)
     write_json(out_dir / "metrics.json", record)
     return model, record
+
+
+def _save_provenance(path: Path, train: ImageDataset, held: torch.Tensor) -> None:
+    prov = train.provenance
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, poisoned=prov.poisoned.numpy(), source_index=prov.source_index.numpy(),
+                     original_label=prov.original_label.numpy(), holdout_index=held.numpy())

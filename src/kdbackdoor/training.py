@@ -141,7 +141,8 @@ def fit(
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device)
             seen = 0
-            for x, y, idx in train.batches(config.batch_size, shuffle=True, generator=generator):
+            batches = train.batches(config.batch_size, shuffle=True, generator=generator)
+            for step, (x, y, idx) in enumerate(batches):
                 x = augment(x, crop_padding=config.crop_padding, hflip=config.hflip, generator=generator)
                 with autocast(device):
                     loss, logits = loss_fn(model, x, y, idx)
@@ -152,7 +153,9 @@ def fit(
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
-                bar.update(task, advance=1, status=f"epoch {epoch + 1}/{config.epochs} loss {float(loss):.3f}")
+                bar.advance(task)
+                if step % 25 == 0:  # reading the loss syncs the device: not every step
+                    bar.update(task, status=f"epoch {epoch + 1}/{config.epochs} loss {float(loss.detach()):.3f}")
             seconds = time.perf_counter() - started
             row = {
                 "epoch": epoch + 1, "loss": float(loss_sum) / seen, "train_acc": float(correct) / seen,

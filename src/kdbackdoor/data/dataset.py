@@ -11,6 +11,34 @@ from kdbackdoor.errors import KDBackdoorError
 
 
 @dataclass
+class Provenance:
+    """Per-sample ground truth of a (possibly poisoned) data set, for evaluation only.
+
+    Defenses never read it. poisoned: bool (N,); source_index: row of the sample in the data
+    set it was drawn from (int64, N); original_label: that row's label (int64, N).
+    """
+
+    poisoned: torch.Tensor
+    source_index: torch.Tensor
+    original_label: torch.Tensor
+
+    @staticmethod
+    def clean(labels: torch.Tensor) -> "Provenance":
+        """Provenance of an untouched data set: nothing poisoned, rows are their own sources."""
+        return Provenance(torch.zeros(len(labels), dtype=torch.bool),
+                          torch.arange(len(labels)), labels.clone().cpu())
+
+    def select(self, index: torch.Tensor) -> "Provenance":
+        index = index.cpu()
+        return Provenance(self.poisoned[index], self.source_index[index], self.original_label[index])
+
+    @staticmethod
+    def concat(parts: list["Provenance"]) -> "Provenance":
+        return Provenance(*(torch.cat([getattr(p, f) for p in parts])
+                            for f in ("poisoned", "source_index", "original_label")))
+
+
+@dataclass
 class ImageDataset:
     """A whole data set held in memory.
 
@@ -25,6 +53,7 @@ class ImageDataset:
     classes: list[str]
     name: str = ""
     meta: dict = field(default_factory=dict)
+    provenance: Provenance | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -38,6 +67,8 @@ class ImageDataset:
                 f"{self.name or 'data set'}: {self.images.shape[0]} images but labels have "
                 f"shape {tuple(self.labels.shape)}"
             )
+        if self.provenance is not None and len(self.provenance.poisoned) != self.images.shape[0]:
+            raise KDBackdoorError(f"{self.name or 'data set'}: provenance does not match the images")
         if len(self) == 0:
             raise KDBackdoorError(f"{self.name or 'data set'}: no images")
         lo, hi = int(self.labels.min()), int(self.labels.max())
@@ -61,16 +92,19 @@ class ImageDataset:
 
     def subset(self, index: torch.Tensor, name: str | None = None) -> "ImageDataset":
         """A new data set holding the samples at ``index`` (a long tensor or bool mask)."""
+        if index.dtype == torch.bool:
+            index = index.nonzero().squeeze(1)
         return ImageDataset(
             self.images[index], self.labels[index], list(self.classes),
             name if name is not None else self.name, dict(self.meta),
+            self.provenance.select(index) if self.provenance is not None else None,
         )
 
     def to(self, device: torch.device | str) -> "ImageDataset":
         """The same data with its tensors on ``device`` (still uint8)."""
         return ImageDataset(
             self.images.to(device), self.labels.to(device), list(self.classes), self.name,
-            dict(self.meta),
+            dict(self.meta), self.provenance,
         )
 
     def pixels(self, index: torch.Tensor | slice | None = None) -> torch.Tensor:

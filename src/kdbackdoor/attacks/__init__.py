@@ -1,0 +1,1 @@
+"""Attacks: poisoned training sets for backdoored teachers, poisoned distillation sets."""
