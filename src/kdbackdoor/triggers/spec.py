@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,13 +12,14 @@ from kdbackdoor.triggers.registry import available_triggers, trigger_class
 
 _SYNTAX = """\
 Trigger specs:
-  NAME                            e.g. badnets-square
-  NAME:key=value,key=value        e.g. badnets-square:size=3,corner=top-left
-  image:PATH?key=value&key=value  e.g. image:triggers/blend.png?mode=blend&alpha=0.2
-Patch lengths (size, offset, cell, radius, width) are pixels at 32x32, scaled per axis to
-the data: floor(length * side / 32 + 0.5), at least 1 px for sizes. Pixel values are in [0, 1].
-image modes: patch (where alpha / non-zero), mask (mask=FILE.npy|FILE.png), blend (alpha,
-default 0.2), add, add-renormalize; resize=antialias|nearest."""
+  NAME                      e.g. badnets-square
+  NAME:key=value,key=value  e.g. badnets-square:size=3,corner=top-left
+  image:PATH?key=value&...  e.g. image:triggers/blend.png?mode=blend&alpha=0.2
+Patch lengths (size, offset, cell, radius, width) are pixels at 32x32, scaled
+per axis to the data: floor(length * side / 32 + 0.5), at least 1 px for sizes.
+Pixel values are in [0, 1]. image modes: patch (where alpha / non-zero), mask
+(mask=FILE.npy|FILE.png), blend (alpha, default 0.2), add, add-renormalize;
+resize=antialias|nearest."""
 
 _CONFIG_KEYS = ("name", "image_shape", "seed", "params")
 
@@ -33,8 +35,9 @@ def describe_syntax() -> str:
             for key, field in cls.Params.model_fields.items()
             if field.repr and key != cls.positional
         )
-        lines.append(f"  {name:<15} {summary}")
-        lines.append(f"  {'':<15} [{defaults}]")
+        lines.append(f"  {name:<15} {defaults}")
+        lines.append(textwrap.fill(summary, width=78, initial_indent=" " * 6,
+                                   subsequent_indent=" " * 6, break_on_hyphens=False))
     return "\n".join(lines)
 
 
