@@ -537,7 +537,7 @@ def test_parse_spec_splits_name_path_and_options():
 def test_syntax_help_and_description_name_everything():
     text = describe_syntax()
     assert all(name in text for name in available_triggers())
-    assert "image:PATH?key=value&key=value" in text and "size=4" in text
+    assert "image:PATH?key=value&" in text and "size=4 corner=bottom-right offset=1" in text
     assert build_trigger("badnets-square:size=3", (1, 8, 8)).describe() == (
         "badnets-square(size=3, corner=bottom-right, offset=1) for 1x8x8 images, seed 0")
 
