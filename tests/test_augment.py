@@ -26,8 +26,8 @@ def test_crop_draws_differ_per_image_and_are_seeded():
 def test_hflip_flips_about_half():
     x = torch.rand(400, 3, 4, 4)
     out = random_hflip(x, torch.Generator().manual_seed(0))
-    flipped = torch.stack([torch.equal(out[i], x[i].flip(2)) for i in range(400)])
-    kept = torch.stack([torch.equal(out[i], x[i]) for i in range(400)])
+    flipped = torch.tensor([torch.equal(out[i], x[i].flip(2)) for i in range(400)])
+    kept = torch.tensor([torch.equal(out[i], x[i]) for i in range(400)])
     assert bool((flipped | kept).all())
     assert 150 < int(flipped.sum()) < 250
 

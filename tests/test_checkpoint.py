@@ -107,7 +107,10 @@ def test_unknown_extension(tmp_path):
 
 def test_folder_must_hold_exactly_one_checkpoint(model, saved):
     torch.save(model.state_dict(), saved.parent / "other.pt")
-    with pytest.raises(KDBackdoorError, match="exactly one weights file.*other.pt, teacher.safetensors"):
+    loaded, _ = load_checkpoint(saved.parent)  # a run folder's train_state.pt does not compete
+    assert loaded.arch == model.arch
+    save_checkpoint(model, saved.parent / "second.safetensors")
+    with pytest.raises(KDBackdoorError, match="exactly one weights file.*second.safetensors, teacher.safetensors"):
         load_checkpoint(saved.parent)
 
 

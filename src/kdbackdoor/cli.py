@@ -19,7 +19,7 @@ app = typer.Typer(
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
 )
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # errors stay on one line
 
 DATASET_HELP = ("data set: digits (embedded, no download), cifar10, cifar100 (downloaded with checksum "
                 "or read from --data-dir), gtsrb (official layout in --data-dir), imagefolder:PATH, npz:PATH")
@@ -158,7 +158,7 @@ app.add_typer(triggers_app, name="triggers")
 def triggers_list_cmd() -> None:
     """Every trigger with its parameters and defaults, and the spec syntax."""
     from kdbackdoor.triggers import describe_syntax
-    console.print(describe_syntax(), highlight=False)
+    console.print(describe_syntax(), highlight=False, soft_wrap=True)
 
 
 @triggers_app.command("show")

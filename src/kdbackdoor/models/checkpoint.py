@@ -105,6 +105,8 @@ def _resolve(path: Path) -> tuple[Path, Path | None]:
         raise KDBackdoorError(f"{path}: no such file or directory")
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        # a run folder also holds train_state.pt (resumable state): safetensors weights win
+        found = [p for p in found if p.suffix == ".safetensors"] or found
         if len(found) != 1:
             names = ", ".join(p.name for p in found) or "none"
             raise KDBackdoorError(
