@@ -1,0 +1,88 @@
+"""Figure: training throughput of the toolkit's loop next to a bare loop, same process.
+
+For each architecture, at batch 128: (a) a bare forward+backward+SGD loop over one
+pre-made float tensor — the compute the toolkit cannot beat; (b) ``kdbackdoor.training.fit``
+over an in-memory uint8 data set (batch gather, uint8→float, random crop + flip on the
+device, loss, step). The two are interleaved for several rounds so that a noisy machine
+affects both alike; medians are reported. Usage: python benchmarks/throughput.py [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import SHARED, write_results
+from kdbackdoor.data.dataset import ImageDataset
+from kdbackdoor.models import build_model
+from kdbackdoor.training import TrainConfig, cross_entropy_loss, fit
+
+BATCH = 128
+
+
+def training_images(count: int) -> ImageDataset:
+    """The first ``count`` CIFAR-10 training images when the shared data is there, else random uint8."""
+    folder = SHARED / "data" / "cifar10-jpeg"
+    if folder.is_dir():
+        from kdbackdoor.data.sources import load_dataset
+        data = load_dataset(f"imagefolder:{folder}", "train", progress=False)
+        return data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:count])
+    images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8)
+    return ImageDataset(images, torch.arange(count) % 10, [str(i) for i in range(10)], "random")
+
+
+def bare_images_per_s(model: torch.nn.Module, steps: int) -> float:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x = torch.rand(BATCH, 3, 32, 32)
+    y = torch.randint(0, 10, (BATCH,))
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * BATCH / (time.perf_counter() - started)
+
+
+def toolkit_images_per_s(model: torch.nn.Module, data: ImageDataset) -> float:
+    config = TrainConfig(epochs=1, batch_size=BATCH, lr=0.01, eval_every=0)
+    with tempfile.TemporaryDirectory() as out:
+        history = fit(model, data, config, out, loss_fn=cross_entropy_loss(), progress=False)
+    return history[0]["images_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=8, help="steps per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--archs", nargs="+", default=["wrn-16-1", "wrn-16-2"])
+    args = parser.parse_args()
+    data = training_images(args.steps * BATCH)
+    rows, results = [], {}
+    for arch in args.archs:
+        torch.manual_seed(0)
+        model = build_model(arch, num_classes=10).train()
+        bare_images_per_s(model, 2)  # warm-up: first calls pick kernels
+        bare, toolkit = [], []
+        for _ in range(args.rounds):
+            bare.append(bare_images_per_s(model, args.steps))
+            toolkit.append(toolkit_images_per_s(model, data))
+        b, t = statistics.median(bare), statistics.median(toolkit)
+        results[arch] = {"bare_images_per_s": bare, "toolkit_images_per_s": toolkit, "ratio": t / b}
+        rows.append(f"| `{arch}` | {b:.0f} | {t:.0f} | {t / b:.2f} |")
+        print(rows[-1], flush=True)
+    markdown = "\n".join([
+        f"Batch {BATCH}, {args.steps} steps per measurement, median of {args.rounds} interleaved rounds.", "",
+        "| model | bare fwd+bwd loop (img/s) | kdbackdoor training loop (img/s) | ratio |",
+        "|---|---|---|---|", *rows,
+    ])
+    write_results("throughput", {"steps": args.steps, "rounds": args.rounds, "results": results}, markdown)
+
+
+if __name__ == "__main__":
+    main()
