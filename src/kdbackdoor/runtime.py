@@ -42,7 +42,7 @@ def set_cpu_threads(threads: int | None = None) -> None:
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (BatchNorm stays fp32 under autocast); a no-op on CPU."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
