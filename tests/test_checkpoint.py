@@ -3,7 +3,9 @@
 import datetime
 import hashlib
 import json
+import pickletools
 import struct
+import zipfile
 
 import pytest
 import safetensors.torch
@@ -204,8 +206,12 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     with pytest.raises(KDBackdoorError, match="evil.pt: refused to load"):
         load_checkpoint(path, arch="small-cnn", num_classes=10)
     assert not marker.exists()
-    torch.load(path, weights_only=False)  # proves the payload is live when unpickled unsafely
-    assert marker.exists()
+    # the archive really carries a call to open() on the marker (read the opcodes, never run them)
+    with zipfile.ZipFile(path) as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    opcodes = [(op.name, arg) for op, arg, _ in pickletools.genops(pickled)]
+    assert any(name == "GLOBAL" and arg.endswith(" open") for name, arg in opcodes)
+    assert any(arg == str(marker) for _, arg in opcodes)
 
 
 def test_pt_that_is_not_a_state_dict(tmp_path):
