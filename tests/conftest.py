@@ -47,3 +47,20 @@ class PixelRuleModel(torch.nn.Module):
     def forward(self, x):
         label = (x[:, 0, 0, 0] * 255 / 40).round().long().clamp(0, self.num_classes - 1)
         return torch.nn.functional.one_hot(label, self.num_classes).float() + 0 * self.dummy
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(digits, tmp_path_factory):
+    """A clean small-cnn digits teacher (about 95% test ACC), trained once per session; eval mode."""
+    from kdbackdoor.models import build_model
+    from kdbackdoor.runtime import seed_everything
+    from kdbackdoor.training import TrainConfig, cross_entropy_loss, fit
+    train, _ = digits
+    seed_everything(0)
+    model = build_model("small-cnn", num_classes=10, in_channels=1, input_size=(8, 8))
+    config = TrainConfig(epochs=8, batch_size=64, lr=0.05, crop_padding=0, hflip=False, eval_every=0)
+    fit(model, train, config, tmp_path_factory.mktemp("digits-teacher"), loss_fn=cross_entropy_loss(),
+        progress=False)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval()

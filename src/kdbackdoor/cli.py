@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kdbackdoor.attacks.engines import describe_engines
 from kdbackdoor.attacks.teacher_poisoning import RATE_HELP
 from kdbackdoor.errors import KDBackdoorError
 
@@ -24,6 +25,23 @@ err_console = Console(stderr=True, soft_wrap=True)  # errors stay on one line
 DATASET_HELP = ("data set: digits (embedded, no download), cifar10, cifar100 (downloaded with checksum "
                 "or read from --data-dir), gtsrb (official layout in --data-dir), imagefolder:PATH, npz:PATH")
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda, cuda:N"
+
+# Options shared by every command that trains a model (one definition, the same defaults).
+EPOCHS = typer.Option(30, min=1)
+BATCH_SIZE = typer.Option(128, min=1)
+LR = typer.Option(0.1, help="peak learning rate (SGD, Nesterov momentum 0.9)")
+WEIGHT_DECAY = typer.Option(5e-4)
+SCHEDULE = typer.Option("onecycle", help="onecycle (linear warm-up then decay) | cosine | step | constant")
+LABEL_SMOOTHING = typer.Option(0.0)
+CROP_PADDING = typer.Option(4, help="random-crop padding in px (0 disables)")
+HFLIP = typer.Option(True, help="random horizontal flips")
+EVAL_EVERY = typer.Option(1, help="test accuracy every N epochs (0: at the end only)")
+SEED = typer.Option(0)
+DATA_DIR = typer.Option(None, help="where cifar/gtsrb files are (else the cache/download)")
+RESIZE = typer.Option(None, help="resize images to this many px (square)")
+DEVICE = typer.Option("auto", help=DEVICE_HELP)
+RESUME = typer.Option(False, help="continue an interrupted run in --out")
+PROGRESS = typer.Option(True, help="show progress bars")
 
 
 def _load(spec: str, split: str, data_dir: Optional[Path], resize: Optional[int], progress: bool = True):
@@ -41,21 +59,21 @@ def train_teacher_cmd(
     dataset: str = typer.Option("digits", help=DATASET_HELP),
     arch: str = typer.Option("small-cnn", help="architecture (see `kdbackdoor models`)"),
     out: Path = typer.Option(..., help="output folder: model.safetensors + model.json, metrics.json, train_state.pt"),
-    epochs: int = typer.Option(30, min=1),
-    batch_size: int = typer.Option(128, min=1),
-    lr: float = typer.Option(0.1, help="peak learning rate (SGD, Nesterov momentum 0.9)"),
-    weight_decay: float = typer.Option(5e-4),
-    schedule: str = typer.Option("onecycle", help="onecycle (linear warm-up then decay) | cosine | step | constant"),
-    label_smoothing: float = typer.Option(0.0),
-    crop_padding: int = typer.Option(4, help="random-crop padding in px (0 disables)"),
-    hflip: bool = typer.Option(True, help="random horizontal flips"),
-    eval_every: int = typer.Option(1, help="test accuracy every N epochs (0: at the end only)"),
-    seed: int = typer.Option(0),
-    data_dir: Optional[Path] = typer.Option(None, help="where cifar/gtsrb files are (else the cache/download)"),
-    resize: Optional[int] = typer.Option(None, help="resize images to this many px (square)"),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    resume: bool = typer.Option(False, help="continue an interrupted run in --out"),
-    progress: bool = typer.Option(True, help="show progress bars"),
+    epochs: int = EPOCHS,
+    batch_size: int = BATCH_SIZE,
+    lr: float = LR,
+    weight_decay: float = WEIGHT_DECAY,
+    schedule: str = SCHEDULE,
+    label_smoothing: float = LABEL_SMOOTHING,
+    crop_padding: int = CROP_PADDING,
+    hflip: bool = HFLIP,
+    eval_every: int = EVAL_EVERY,
+    seed: int = SEED,
+    data_dir: Optional[Path] = DATA_DIR,
+    resize: Optional[int] = RESIZE,
+    device: str = DEVICE,
+    resume: bool = RESUME,
+    progress: bool = PROGRESS,
     backdoor: Optional[str] = typer.Option(None, help="trigger spec to plant (see `kdbackdoor triggers list`); "
                                            "none trains a clean teacher"),
     target: int = typer.Option(0, help="backdoor target class (all-to-one)"),
@@ -76,11 +94,9 @@ def train_teacher_cmd(
     from kdbackdoor.attacks.teacher_poisoning import PoisonConfig
     from kdbackdoor.runtime import select_device
     from kdbackdoor.teacher import train_teacher
-    from kdbackdoor.training import TrainConfig
 
-    config = _validated(TrainConfig, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                        schedule=schedule, label_smoothing=label_smoothing, crop_padding=crop_padding,
-                        hflip=hflip, eval_every=eval_every, seed=seed)
+    config = _train_config(epochs, batch_size, lr, weight_decay, schedule, label_smoothing, crop_padding, hflip,
+                           eval_every, seed)
     poison = _validated(PoisonConfig, target=target, rate=poison_rate, mode=poison_mode, style=poison_style,
                         adv_eps=adv_eps, seed=seed)
     dev = select_device(device)
@@ -147,7 +163,202 @@ def evaluate_cmd(
     out = out or _model_dir(model) / "evaluation.json"
     write_json(out, result)
     console.print(_evaluation_table(result, f"{model} on {dataset}:{split}"))
+    recorded = _run_summary(meta, student=False) if "kd" in meta else ""
+    if recorded:
+        console.print("recorded when distilled:\n" + recorded)
     console.print(f"written to {out}")
+
+
+@app.command("poison-distill")
+def poison_distill_cmd(
+    teacher: Path = typer.Option(..., help="the clean teacher the distillation will use (checkpoint or its folder)"),
+    out: Path = typer.Option(..., help="new folder: poisoned.npz, manifest.json, poisons.png"),
+    dataset: str = typer.Option("digits", help="distillation data set: " + DATASET_HELP),
+    split: str = typer.Option("train"),
+    data_dir: Optional[Path] = DATA_DIR,
+    resize: Optional[int] = RESIZE,
+    subset: Optional[int] = typer.Option(None, min=1, help="use a seeded subset of this many images as the "
+                                         "distillation set (before poisoning)"),
+    trigger: str = typer.Option("badnets-square", help="trigger spec (see `kdbackdoor triggers list`)"),
+    target: int = typer.Option(0, help="target class"),
+    rate: float = typer.Option(0.05, help="share of the final distillation set that is poison, in (0, 1)"),
+    mode: str = typer.Option("add", help="add: poisons are appended; replace: each poison takes its source "
+                             "image's place"),
+    method: str = typer.Option("pgd", help="fgsm | pgd | cw | generative"),
+    eps: Optional[str] = typer.Option(None, help="fgsm/pgd radius in pixel units, e.g. 8/255 "
+                                      "(default 8/255; for --norm l2 an L2 radius)"),
+    step_size: Optional[str] = typer.Option(None, help="pgd step in pixel units (default 2/255)"),
+    steps: Optional[int] = typer.Option(None, help="pgd/cw/generative optimisation steps "
+                                        "(defaults 20 / 100 / 200)"),
+    norm: Optional[str] = typer.Option(None, help="pgd norm: linf (default) | l2"),
+    param: list[str] = typer.Option([], "--param", "-p", help="any other engine parameter as KEY=VALUE "
+                                    "(repeatable); see the list below"),
+    generator: Optional[Path] = typer.Option(None, help="generator checkpoint for --method generative"),
+    source_classes: Optional[str] = typer.Option(None, help="comma-separated source classes (default: all "
+                                                 "but the target)"),
+    label_mode: str = typer.Option("target", help="labels stored with the poisons: target | teacher (its "
+                                   "prediction) | original (the source's label)"),
+    threshold: float = typer.Option(0.5, help="keep a poison only if the teacher gives the target at least "
+                                    "this probability on the stored triggered image"),
+    retries: int = typer.Option(2, min=0, help="extra crafting attempts for a poison that fails verification"),
+    seed: int = SEED,
+    batch_size: int = typer.Option(128, min=1, help="images crafted at once"),
+    device: str = DEVICE,
+    progress: bool = PROGRESS,
+) -> None:
+    """Poison a distillation set against a clean teacher (arXiv 2504.21323).
+
+    Source images are turned into images the teacher labels as the target (optimised with
+    the trigger on), the trigger is overlaid, and only poisons the teacher verifiably labels
+    as the target are kept. Writes the poisoned set (npz, provenance included) and a
+    manifest with every parameter, the counts and the teacher's stability on the poisons.
+
+    Engine parameters and defaults (pixel units, for 32 px images):
+
+    \b
+    ENGINES
+    """
+    from kdbackdoor.attacks.distill_poisoning import DistillPoisonConfig, LABEL_MODES, craft_poisoned_set
+    from kdbackdoor.attacks.engines import build_engine
+    from kdbackdoor.data.poisoned_set import MANIFEST_FILE, save_poisoned_set
+    from kdbackdoor.models.generator import load_generator
+    from kdbackdoor.runtime import select_device
+    from kdbackdoor.triggers.show import render_change_grid
+
+    if (out / MANIFEST_FILE).exists():
+        raise KDBackdoorError(f"{out} already holds a poisoned set; choose another --out or delete it first")
+    config = _validated(DistillPoisonConfig, target=target, rate=rate, mode=mode,
+                        source_classes=_int_list(source_classes, "--source-classes"), label_mode=label_mode,
+                        threshold=threshold, retries=retries, seed=seed, batch_size=batch_size)
+    engine_params = _engine_params(method, eps, step_size, steps, norm, param)
+    dev = select_device(device)
+    model, sidecar = _load_teacher(teacher, dev)
+    data = _load(dataset, split, data_dir, resize, progress)
+    if subset is not None and subset < len(data):
+        import torch
+        rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:subset].sort()[0]
+        data = data.subset(rows, name=f"{data.name}[subset {subset}]")
+    trig = _trigger(trigger, data.image_shape, seed)
+    gen_model = load_generator(generator, dev) if generator is not None else None
+    engine = build_engine(method, generator_model=gen_model, **engine_params)
+    poisoned, report = craft_poisoned_set(model, data, trig, engine, config, device=dev, progress=progress)
+    manifest = {
+        "dataset": {**dataset_record(dataset, data_dir, resize), "split": split, "subset": subset,
+                    "subset_seed": seed if subset else None},
+        "teacher": {"path": str(teacher), "arch": sidecar.get("arch"), "weights_sha256": sidecar.get("weights_sha256")},
+        "generator": str(generator) if generator else None,
+        "trigger": trig.config(),
+        "target": config.target,
+        "engine": engine.config(),
+        "config": config.model_dump(),
+        "label_mode_meaning": LABEL_MODES[config.label_mode],
+        "rate_meaning": "share of the final set that is poison; " + (
+            "poisons appended" if config.mode == "add" else "each poison replaced its source image"),
+        **report,
+    }
+    path = save_poisoned_set(poisoned, out, manifest)
+    rows = poisoned.provenance.poisoned.nonzero().squeeze(1)[:8]
+    sources = poisoned.provenance.source_index[rows]
+    render_change_grid(data.pixels(sources), poisoned.pixels(rows), out / "poisons.png")
+    counts = report["counts"]
+    stability = report["teacher_stability"]
+    console.print(
+        f"kept {counts['kept']} of {counts['requested']} requested poisons (tried {counts['tried']} sources, "
+        f"{counts['attempts']} attempts, dropped {counts['dropped']}); achieved rate {counts['achieved_rate']:.2%}\n"
+        f"teacher P(target): poison+trigger {stability['poison_with_trigger']['mean']:.3f}, poison without trigger "
+        f"{stability['poison_without_trigger']['mean']:.3f}, clean source {stability['clean_source']['mean']:.3f}\n"
+        f"→ {path}")
+
+
+@app.command("distill")
+def distill_cmd(
+    teacher: Path = typer.Option(..., help="teacher checkpoint (or its folder)"),
+    out: Path = typer.Option(..., help="output folder: model.safetensors + model.json, metrics.json, baseline/"),
+    data: str = typer.Option("digits", help="distillation data: a poisoned-set folder (from poison-distill) "
+                             "or a " + DATASET_HELP),
+    student_arch: str = typer.Option("small-cnn", help="student architecture (see `kdbackdoor models`)"),
+    kd_lambda: float = typer.Option(0.5, help="λ in (1-λ)·CE(student, label) + λ·T²·KL(teacher_T ‖ student_T); "
+                                    "0 = labels only, 1 = KL only"),
+    temperature: float = typer.Option(4.0, help="softmax temperature T"),
+    test_data: Optional[str] = typer.Option(None, help="test data set (default: the test split of the "
+                                            "distillation data's source)"),
+    baseline: Optional[bool] = typer.Option(None, help="also distill a student on the same data without its "
+                                            "poisons, for comparison (doubles the time; default: on for "
+                                            "poisoned sets)"),
+    trigger: Optional[str] = typer.Option(None, help="trigger spec for ASR (default: the poisoned set's)"),
+    target: Optional[int] = typer.Option(None, help="ASR target (default: the poisoned set's)"),
+    evaluate_teacher: bool = typer.Option(True, help="also record the teacher's ACC/ASR on the test set"),
+    epochs: int = EPOCHS,
+    batch_size: int = BATCH_SIZE,
+    lr: float = LR,
+    weight_decay: float = WEIGHT_DECAY,
+    schedule: str = SCHEDULE,
+    label_smoothing: float = LABEL_SMOOTHING,
+    crop_padding: int = CROP_PADDING,
+    hflip: bool = HFLIP,
+    eval_every: int = EVAL_EVERY,
+    seed: int = SEED,
+    data_dir: Optional[Path] = DATA_DIR,
+    resize: Optional[int] = RESIZE,
+    device: str = DEVICE,
+    resume: bool = RESUME,
+    progress: bool = PROGRESS,
+) -> None:
+    """Distill a teacher into a student on a data set (clean or poisoned).
+
+    Loss: (1-λ)·CE(student, label) + λ·T²·KL(teacher_T ‖ student_T), batch mean. The student
+    is evaluated for ACC, and for ASR with the trigger recorded in a poisoned set's manifest;
+    with restricted source classes also for the trigger's false-positive rate on the others.
+    Without augmentation (--crop-padding 0 --no-hflip) the teacher's logits are computed once.
+    """
+    from kdbackdoor.data.poisoned_set import is_poisoned_set, load_poisoned_set
+    from kdbackdoor.distill.dataset_kd import Backdoor, distill
+    from kdbackdoor.distill.losses import KDConfig
+    from kdbackdoor.runtime import select_device
+    from kdbackdoor.triggers import build_trigger
+
+    config = _train_config(epochs, batch_size, lr, weight_decay, schedule, label_smoothing, crop_padding, hflip,
+                           eval_every, seed)
+    kd = _validated(KDConfig, kd_lambda=kd_lambda, temperature=temperature)
+    dev = select_device(device)
+    model, _ = _load_teacher(teacher, dev)
+    manifest = None
+    if is_poisoned_set(data):
+        train, manifest = load_poisoned_set(data)
+        source = manifest["dataset"]
+        test_spec = test_data or source["spec"]
+        test = _load(test_spec, "test", data_dir or _optional_path(source.get("data_dir")),
+                     resize or source.get("resize"), progress)
+        record_dataset = source
+    else:
+        train = _load(data, "train", data_dir, resize, progress)
+        test = _load(test_data or data, "test", data_dir, resize, progress)
+        record_dataset = dataset_record(test_data or data, data_dir, resize)
+    backdoor = None
+    if trigger is not None:
+        if target is None and manifest is None:
+            raise KDBackdoorError("--trigger given without --target")
+        backdoor = Backdoor(_trigger(trigger, train.image_shape, seed),
+                            target if target is not None else manifest["target"])
+    elif manifest is not None:
+        backdoor = Backdoor(build_trigger(manifest["trigger"]), target if target is not None else manifest["target"],
+                            manifest["config"].get("source_classes"))
+    elif target is not None:
+        raise KDBackdoorError("--target given without --trigger (a plain data set records no trigger)")
+    use_baseline = (manifest is not None) if baseline is None else baseline
+    if use_baseline and manifest is None:
+        raise KDBackdoorError("--baseline needs a poisoned set (from poison-distill) as --data")
+    metadata = {"dataset": record_dataset, "teacher": {"path": str(teacher)},
+                "poisoned_set": _poisoned_set_summary(data, manifest) if manifest else None}
+    _, record = distill(model, train, test, student_arch, config, kd, out, device=dev, backdoor=backdoor,
+                        baseline=use_baseline, evaluate_teacher=evaluate_teacher, resume=resume,
+                        progress=progress, metadata=metadata)
+    console.print(_run_summary(record))
+    console.print(f"→ {out / 'model.safetensors'}")
+
+
+poison_distill_cmd.__doc__ = poison_distill_cmd.__doc__.replace(
+    "ENGINES", describe_engines().replace("\n", "\n    "))
 
 
 triggers_app = typer.Typer(help="The trigger library: list triggers, render them on images.", no_args_is_help=True)
@@ -229,6 +440,83 @@ def _evaluation_table(result: dict, title: str) -> Table:
     return table
 
 
+def _load_teacher(path: Path, device):
+    from kdbackdoor.models import load_checkpoint
+    return load_checkpoint(path, device=device)
+
+
+def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise KDBackdoorError(f"{option}: expected comma-separated integers, got {text!r}") from None
+
+
+def _pixel_value(text: str, option: str) -> float:
+    """A float or a fraction such as 8/255."""
+    try:
+        if "/" in text:
+            numerator, denominator = text.split("/")
+            return float(numerator) / float(denominator)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise KDBackdoorError(f"{option}: expected a number or a fraction like 8/255, got {text!r}") from None
+
+
+def _engine_params(method, eps, step_size, steps, norm, extra: list[str]) -> dict:
+    params = {}
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise KDBackdoorError(f"--param: expected KEY=VALUE, got {item!r}")
+        params[key.strip().replace("-", "_")] = _pixel_value(value, f"--param {key}") if "/" in value else value
+    named = {"eps": _pixel_value(eps, "--eps") if eps else None,
+             "step_size": _pixel_value(step_size, "--step-size") if step_size else None,
+             "steps": steps, "norm": norm}
+    params.update({key: value for key, value in named.items() if value is not None})
+    if method == "fgsm" and "steps" in params:
+        raise KDBackdoorError("fgsm takes a single step; --steps does not apply")
+    return params
+
+
+def _optional_path(text: Optional[str]) -> Optional[Path]:
+    return Path(text) if text else None
+
+
+def _poisoned_set_summary(path: str, manifest: dict) -> dict:
+    """What a student's record keeps of the poisoned set it was distilled on."""
+    keys = ("data_sha256", "teacher", "trigger", "target", "engine", "config", "counts", "teacher_stability",
+            "perturbation", "source_classes")
+    return {"path": str(path), **{key: manifest.get(key) for key in keys}}
+
+
+def _run_summary(record: dict, student: bool = True) -> str:
+    """Lines for humans: the student's (unless ``student`` is False), the baseline's and the
+    teacher's ACC/ASR from a distillation record, and the poisons' statistics."""
+    def line(name: str, metrics: dict) -> str:
+        text = f"{name}: ACC {metrics['acc']:.2%}"
+        if "asr" in metrics:
+            text += f", ASR {metrics['asr']:.2%}"
+        sensitivity = metrics.get("trigger_sensitivity")
+        if sensitivity and sensitivity.get("false_positive_rate") is not None:
+            text += f" (trigger false-positive rate on non-source classes {sensitivity['false_positive_rate']:.2%})"
+        return text
+    lines = [line("student", record["metrics"])] if student else []
+    if record.get("baseline"):
+        lines.append(line("baseline student (same data, no poisons)", record["baseline"]["metrics"]))
+    if record.get("teacher_metrics"):
+        lines.append(line("teacher", record["teacher_metrics"]))
+    poisons = record.get("poisoned_set") or {}
+    if poisons.get("teacher_stability"):
+        stability = poisons["teacher_stability"]
+        lines.append("teacher P(target) on the poisons: with trigger {:.3f}, without {:.3f}, clean source {:.3f}".format(
+            stability["poison_with_trigger"]["mean"], stability["poison_without_trigger"]["mean"],
+            stability["clean_source"]["mean"]))
+    return "\n".join(lines)
+
+
 def _trigger(spec: str, image_shape: tuple[int, int, int], seed: int):
     from kdbackdoor.triggers import build_trigger
     return build_trigger(spec, image_shape=image_shape, seed=seed)
@@ -244,6 +532,14 @@ def _load_model(path: Path, device, data):
 
 def _model_dir(path: Path) -> Path:
     return path if path.is_dir() else path.parent
+
+
+def _train_config(epochs, batch_size, lr, weight_decay, schedule, label_smoothing, crop_padding, hflip,
+                  eval_every, seed):
+    from kdbackdoor.training import TrainConfig
+    return _validated(TrainConfig, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      schedule=schedule, label_smoothing=label_smoothing, crop_padding=crop_padding,
+                      hflip=hflip, eval_every=eval_every, seed=seed)
 
 
 def _validated(model_cls, **values):

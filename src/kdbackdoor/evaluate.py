@@ -76,6 +76,44 @@ def attack_success_rate(
     return {"asr": float(hits.float().mean()), "per_source_class": per_class, "n": len(source)}
 
 
+def trigger_sensitivity(asr: dict, data: ImageDataset, source_classes: list[int]) -> dict:
+    """Split an ``attack_success_rate`` result into the chosen source classes and the rest.
+
+    ``asr_on_sources``: ASR over test images of ``source_classes``; ``false_positive_rate``:
+    the same share over the other non-target classes (the trigger should do nothing there
+    when the attack was aimed at the sources only). Weighted by class counts in ``data``.
+    """
+    counts = torch.bincount(data.labels.cpu(), minlength=data.num_classes)
+
+    def pooled(names: list[str]) -> float | None:
+        n = sum(int(counts[data.classes.index(name)]) for name in names)
+        if n == 0:
+            return None
+        return sum(asr["per_source_class"][name] * int(counts[data.classes.index(name)]) for name in names) / n
+
+    sources = {data.classes[c] for c in source_classes}
+    inside = [name for name in asr["per_source_class"] if name in sources]
+    outside = [name for name in asr["per_source_class"] if name not in sources]
+    return {"asr_on_sources": pooled(inside), "false_positive_rate": pooled(outside),
+            "source_classes": inside, "other_classes": outside}
+
+
+def model_metrics(
+    model: torch.nn.Module, data: ImageDataset, *, trigger: PixelTransform | None = None,
+    target: int | None = None, source_classes: list[int] | None = None, **kwargs,
+) -> dict:
+    """The run-record metrics: ``acc``, ``per_class_acc``; with a trigger ``asr`` and
+    ``per_source_class_asr``; with restricted ``source_classes`` also ``trigger_sensitivity``."""
+    acc = accuracy(model, data, **kwargs)
+    metrics = {"acc": acc["acc"], "per_class_acc": acc["per_class"]}
+    if trigger is not None:
+        asr = attack_success_rate(model, data, trigger, target, **kwargs)
+        metrics.update(asr=asr["asr"], per_source_class_asr=asr["per_source_class"])
+        if source_classes:
+            metrics["trigger_sensitivity"] = trigger_sensitivity(asr, data, source_classes)
+    return metrics
+
+
 def check_compatible(model: torch.nn.Module, data: ImageDataset) -> None:
     """Fail clearly when a model and a data set disagree on channels or class count."""
     num_classes = getattr(model, "num_classes", None)

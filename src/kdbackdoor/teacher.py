@@ -13,7 +13,7 @@ import torch
 from kdbackdoor.atomic import atomic_path, write_json
 from kdbackdoor.attacks.teacher_poisoning import RATE_HELP, PoisonConfig, holdout_split, poison_training_set
 from kdbackdoor.data.dataset import ImageDataset
-from kdbackdoor.evaluate import accuracy, attack_success_rate
+from kdbackdoor.evaluate import model_metrics
 from kdbackdoor.models import build_model, save_checkpoint
 from kdbackdoor.runtime import seed_everything
 from kdbackdoor.training import TrainConfig, cross_entropy_loss, fit
@@ -63,11 +63,8 @@ def train_teacher(
     started = time.perf_counter()
     history = fit(model, train, config, out_dir, loss_fn=cross_entropy_loss(config.label_smoothing),
                   test=test, device=device, resume=resume, progress=progress, description=f"train {arch}")
-    test_metrics = accuracy(model, test, device=device)
-    metrics = {"acc": test_metrics["acc"], "per_class_acc": test_metrics["per_class"]}
-    if backdoor is not None:
-        asr = attack_success_rate(model, test, trigger, backdoor["target"], device=device)
-        metrics.update(asr=asr["asr"], per_source_class_asr=asr["per_source_class"])
+    metrics = model_metrics(model, test, trigger=trigger if backdoor else None,
+                            target=backdoor["target"] if backdoor else None, device=device)
     record = {
         "arch": arch,
         "train": {"name": train.name, "size": len(train), "holdout": {"share": holdout, "size": len(held)}},

@@ -19,7 +19,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kdbackdoor.attacks.pgd import pgd
-from kdbackdoor.data.dataset import ImageDataset, Provenance
+from kdbackdoor.attacks.injection import inject_poisons, poison_count
+from kdbackdoor.data.dataset import ImageDataset, Provenance, to_uint8
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.triggers import Trigger
 
@@ -67,7 +68,7 @@ def poison_training_set(
         raise KDBackdoorError(f"target {config.target} out of range for {data.num_classes} classes")
     style = config.resolved_style(trigger)
     n = len(data)
-    count = round(config.rate * n) if config.mode == "replace" else round(config.rate * n / (1 - config.rate))
+    count = poison_count(n, config.rate, config.mode)
     labels = data.labels.cpu()
     eligible = (labels == config.target) if style == "clean" else (labels != config.target)
     pool = eligible.nonzero().squeeze(1)
@@ -85,28 +86,8 @@ def poison_training_set(
 
     poisoned_images = _triggered(data, chosen, trigger, style, config, adversary, generator, batch_size)
     poisoned_labels = torch.full((count,), config.target, dtype=torch.int64)
-    base = data.provenance or Provenance.clean(labels)
-    poison_prov = Provenance(torch.ones(count, dtype=torch.bool), base.source_index[chosen],
-                             base.original_label[chosen])
-    images, out_labels = data.images.cpu(), labels
-    if config.mode == "replace":
-        images, out_labels = images.clone(), labels.clone()
-        images[chosen] = poisoned_images
-        out_labels[chosen] = poisoned_labels
-        provenance = Provenance(base.poisoned.clone(), base.source_index.clone(), base.original_label.clone())
-        provenance.poisoned[chosen] = True
-    else:
-        images = torch.cat([images, poisoned_images])
-        out_labels = torch.cat([labels, poisoned_labels])
-        provenance = Provenance.concat([base, poison_prov])
-    meta = {**data.meta, "poison": {**config.model_dump(), "style": style, "count": count,
-                                    "trigger": trigger.config()}}
-    return ImageDataset(images, out_labels, list(data.classes), f"{data.name}+poison", meta, provenance)
-
-
-@torch.no_grad()
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+    meta = {"poison": {**config.model_dump(), "style": style, "count": count, "trigger": trigger.config()}}
+    return inject_poisons(data, chosen, poisoned_images, poisoned_labels, config.mode, meta=meta)
 
 
 def _triggered(data, rows, trigger, style, config, adversary, generator, batch_size) -> torch.Tensor:
@@ -125,7 +106,7 @@ def _triggered(data, rows, trigger, style, config, adversary, generator, batch_s
             x = pgd(adversary, x.to(device), data.labels[idx.to(data.labels.device)].to(device),
                     eps=config.adv_eps, step_size=config.adv_eps / 4, steps=config.adv_steps,
                     generator=generator).cpu()
-        out.append(_to_uint8(trigger(x)))
+        out.append(to_uint8(trigger(x)))
     return torch.cat(out)
 
 

@@ -10,6 +10,12 @@ import torch
 from kdbackdoor.errors import KDBackdoorError
 
 
+@torch.no_grad()
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Pixel-space floats [0, 1] to storage uint8 (rounded, clamped)."""
+    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+
 @dataclass
 class Provenance:
     """Per-sample ground truth of a (possibly poisoned) data set, for evaluation only.

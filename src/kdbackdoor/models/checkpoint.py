@@ -10,7 +10,6 @@ before real memory is spent on it, and ``.pt``/``.pth`` files go through ``weigh
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import torch
 
 import kdbackdoor
 from kdbackdoor.atomic import write_bytes, write_json
+from kdbackdoor.digest import sha256_file
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models.classifier import Classifier
 from kdbackdoor.models.registry import build_model
@@ -53,12 +53,6 @@ def _describe(model: Classifier) -> dict[str, Any]:
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_checkpoint(
@@ -86,7 +80,7 @@ def save_checkpoint(
     sidecar = {
         **_describe(model),
         "classes": list(classes) if classes is not None else None,
-        "weights_sha256": _sha256(path),
+        "weights_sha256": sha256_file(path),
         "versions": {
             "kdbackdoor": kdbackdoor.__version__,
             "torch": torch.__version__,
@@ -300,7 +294,7 @@ def load_checkpoint(
         }
 
     tensors = _read_tensors(weights_path)
-    if sidecar_path is not None and _sha256(weights_path) != config["weights_sha256"]:
+    if sidecar_path is not None and sha256_file(weights_path) != config["weights_sha256"]:
         raise KDBackdoorError(
             f"{weights_path}: sha256 does not match the one recorded in {sidecar_path.name}"
         )

@@ -31,10 +31,19 @@ def render_trigger_grid(
         raise KDBackdoorError(f"render_trigger_grid: nothing to show (max_images={max_images}, "
                               f"{len(images)} images)")
     clean = images[:max_images].detach()
-    triggered = trigger.apply(clean).detach()
-    channels, height, width = trigger.image_shape
+    return render_change_grid(clean, trigger.apply(clean).detach(), path)
+
+
+def render_change_grid(before: torch.Tensor, after: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Write a PNG grid: ``before`` images (N, C, H, W, [0,1]) on row 1, ``after`` on row 2,
+    and |after − before| scaled to its maximum on row 3. Returns the path."""
+    if before.shape != after.shape or before.dim() != 4 or len(before) == 0:
+        raise KDBackdoorError(f"render_change_grid: need two equal non-empty (N, C, H, W) batches, got "
+                              f"{tuple(before.shape)} and {tuple(after.shape)}")
+    clean, triggered = before.detach(), after.detach()
+    channels, height, width = clean.shape[1:]
     if channels not in (1, 3):
-        raise KDBackdoorError(f"render_trigger_grid: cannot draw {channels}-channel images")
+        raise KDBackdoorError(f"cannot draw {channels}-channel images")
     difference = (triggered - clean).abs()
     difference = difference / difference.max().clamp_min(1e-12)
     rows = torch.stack([clean, triggered, difference]).float().cpu()  # (3, n, C, H, W)

@@ -1,0 +1,218 @@
+"""The attack on dataset-based distillation with a clean teacher (arXiv 2504.21323).
+
+1. Draw source images (non-target classes, or the chosen ``source_classes``) with a seeded
+   generator.
+2. Turn them into images the clean teacher assigns to the target with a manipulation engine
+   (``kdbackdoor.attacks.engines``), optimising with the trigger applied.
+3. Overlay the trigger, quantise to uint8 (what will be stored) and **verify**: keep a
+   sample only if the teacher gives the target a probability >= ``threshold`` on exactly
+   that stored image. Failures are crafted again (a fresh random start) up to ``retries``
+   times, then dropped and replaced by the next source image while any are left.
+4. Inject the kept poisons (``add`` or ``replace``; see ``kdbackdoor.attacks.injection``)
+   with provenance, labelled by ``label_mode``.
+
+The report counts source images tried, crafting attempts, kept and dropped poisons, and
+measures the teacher's stability on the kept poisons: target probability with the trigger,
+without it, and on the clean source image.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from kdbackdoor.attacks.engines import Engine
+from kdbackdoor.attacks.injection import InjectionMode, inject_poisons, poison_count
+from kdbackdoor.data.dataset import ImageDataset, to_uint8
+from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.evaluate import check_compatible
+from kdbackdoor.triggers import Trigger
+
+LABEL_MODES = {
+    "target": "the attacker's target class",
+    "teacher": "the teacher's prediction on the stored (triggered) poison",
+    "original": "the source image's own label",
+}
+
+
+class DistillPoisonConfig(BaseModel):
+    """Where poisons come from, how many, how they are checked and labelled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: int = Field(0, ge=0, description="class the trigger should lead to")
+    rate: float = Field(0.05, gt=0, lt=1, description="share of the final distillation set that is poison")
+    mode: InjectionMode = Field("add", description="add: append poisons; replace: poisons take their source's place")
+    source_classes: list[int] | None = Field(None, description="classes to draw sources from (default: all but the target)")
+    label_mode: Literal["target", "teacher", "original"] = "target"
+    threshold: float = Field(0.5, gt=0, le=1, description="teacher target probability a stored poison needs")
+    retries: int = Field(2, ge=0, description="extra crafting attempts for a poison that fails verification")
+    seed: int = 0
+    batch_size: int = Field(128, ge=1, description="images crafted at once")
+
+
+def craft_poisoned_set(
+    teacher: torch.nn.Module,
+    data: ImageDataset,
+    trigger: Trigger,
+    engine: Engine,
+    config: DistillPoisonConfig,
+    *,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> tuple[ImageDataset, dict]:
+    """Poison the distillation set ``data``; return the poisoned set and the attack report.
+
+    The teacher is put in eval mode. The report holds the counts (requested, tried,
+    attempts, kept, dropped, final size, achieved rate) and the teacher-stability and
+    perturbation statistics of the kept poisons (probabilities in [0,1], distances in pixel
+    units). Raises ``KDBackdoorError`` for inconsistent inputs or when no poison verifies.
+    """
+    device = device or next(teacher.parameters()).device
+    sources = _check_inputs(teacher, data, trigger, config)
+    count = poison_count(len(data), config.rate, config.mode)
+    pool = torch.isin(data.labels.cpu(), torch.tensor(sources)).nonzero().squeeze(1)
+    if count < 1:
+        raise KDBackdoorError(f"poison rate {config.rate} gives no poison on {len(data)} images")
+    if count > len(pool):
+        raise KDBackdoorError(
+            f"poison rate {config.rate} ({config.mode}) needs {count} source images but the chosen source "
+            f"classes have {len(pool)} in {data.name or 'the data set'}")
+    generator = torch.Generator().manual_seed(config.seed)
+    queue = pool[torch.randperm(len(pool), generator=generator)]
+    teacher.eval()
+
+    kept_rows, kept_images, kept_crafted, kept, attempts, tried = [], [], [], 0, 0, 0
+    columns = [TextColumn("[bold]craft poisons"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("craft", total=count, status="")
+        while kept < count and tried < len(queue):
+            rows = queue[tried:tried + min(config.batch_size, count - kept)]
+            tried += len(rows)
+            rows, images, crafted, used = _craft_verified(teacher, data, rows, trigger, engine, config,
+                                                          generator, device)
+            attempts += used
+            kept_rows.append(rows)
+            kept_images.append(images)
+            kept_crafted.append(crafted)
+            kept += len(rows)
+            bar.update(task, completed=kept,
+                       status=f"tried {tried}, attempts {attempts}")
+    rows = torch.cat(kept_rows)
+    if len(rows) == 0:
+        raise KDBackdoorError(
+            f"no poison passed verification (threshold {config.threshold}) after trying {tried} source images; "
+            "use a stronger engine setting (more steps, larger eps) or a lower --threshold")
+    order = rows.argsort()
+    rows, images, crafted = rows[order], torch.cat(kept_images)[order], torch.cat(kept_crafted)[order]
+    stored = images.float() / 255
+    labels = _labels(teacher, data, rows, stored, config, device)
+    report = {
+        "counts": {
+            "clean_size": len(data), "requested": count, "tried": tried, "attempts": attempts,
+            "kept": len(rows), "dropped": tried - len(rows),
+            "final_size": len(data) + (len(rows) if config.mode == "add" else 0),
+        },
+        "source_classes": sources,
+        "teacher_stability": _stability(teacher, data, rows, images, crafted, trigger, config.target, device),
+        "perturbation": _perturbation(data, rows, crafted, device),
+    }
+    counts = report["counts"]
+    counts["achieved_rate"] = counts["kept"] / counts["final_size"]
+    meta = {"distill_poison": {"config": config.model_dump(), "engine": engine.config(),
+                               "trigger": trigger.config(), **report}}
+    poisoned = inject_poisons(data, rows, images, labels, config.mode, meta=meta)
+    return poisoned, report
+
+
+def _check_inputs(teacher, data, trigger, config) -> list[int]:
+    check_compatible(teacher, data)
+    k = data.num_classes
+    if config.target >= k:
+        raise KDBackdoorError(f"target {config.target} out of range for {k} classes")
+    if tuple(trigger.image_shape) != tuple(data.image_shape):
+        raise KDBackdoorError(f"trigger built for images {tuple(trigger.image_shape)}, the data set has "
+                              f"{tuple(data.image_shape)}")
+    sources = sorted(set(config.source_classes)) if config.source_classes else [c for c in range(k) if c != config.target]
+    bad = [c for c in sources if not 0 <= c < k or c == config.target]
+    if bad:
+        raise KDBackdoorError(f"source classes must be in [0, {k - 1}] and differ from the target "
+                              f"{config.target}; got {bad}")
+    return sources
+
+
+@torch.no_grad()
+def _target_probability(teacher, x: torch.Tensor, target: int) -> torch.Tensor:
+    return teacher(x).float().softmax(1)[:, target]
+
+
+def _craft_verified(teacher, data, rows, trigger, engine, config, generator, device):
+    """Craft poisons for ``rows``, retrying failures.
+
+    Returns (kept rows, stored uint8 poisons with trigger, the same before the trigger, attempts).
+    """
+    x = data.pixels(rows.to(data.images.device)).to(device)
+    targets = torch.full((len(rows),), config.target, device=device)
+    images = torch.zeros(x.shape, dtype=torch.uint8)
+    untriggered = torch.zeros(x.shape, dtype=torch.uint8)
+    passed = torch.zeros(len(rows), dtype=torch.bool)
+    attempts = 0
+    for _ in range(1 + config.retries):
+        todo = (~passed).nonzero().squeeze(1)
+        if len(todo) == 0:
+            break
+        attempts += len(todo)
+        crafted = to_uint8(engine.craft(teacher, x[todo], targets[todo], trigger, generator).detach())
+        stored = to_uint8(trigger(crafted.float() / 255))
+        ok = (_target_probability(teacher, stored.float() / 255, config.target) >= config.threshold).cpu()
+        images[todo[ok]] = stored[ok].cpu()
+        untriggered[todo[ok]] = crafted[ok].cpu()
+        passed[todo[ok]] = True
+    return rows[passed], images[passed], untriggered[passed], attempts
+
+
+def _labels(teacher, data, rows, stored, config, device) -> torch.Tensor:
+    if config.label_mode == "target":
+        return torch.full((len(rows),), config.target, dtype=torch.int64)
+    if config.label_mode == "original":
+        return data.labels.cpu()[rows]
+    with torch.no_grad():
+        return torch.cat([teacher(chunk.to(device)).argmax(1).cpu() for chunk in stored.split(512)])
+
+
+def _summary(values: torch.Tensor) -> dict:
+    values = values.float().cpu()
+    return {"mean": float(values.mean()), "median": float(values.median()), "min": float(values.min()),
+            "max": float(values.max())}
+
+
+@torch.no_grad()
+def _stability(teacher, data, rows, images, crafted, trigger, target, device) -> dict:
+    """Teacher target probability on the kept poisons with / without trigger and on the clean sources."""
+    with_trigger, without, clean_p, clean_trig = [], [], [], []
+    for chunk_rows, chunk, adv in zip(rows.split(512), images.split(512), crafted.split(512)):
+        clean = data.pixels(chunk_rows.to(data.images.device)).to(device)
+        with_trigger.append(_target_probability(teacher, chunk.to(device).float() / 255, target))
+        without.append(_target_probability(teacher, adv.to(device).float() / 255, target))
+        clean_p.append(_target_probability(teacher, clean, target))
+        clean_trig.append(_target_probability(teacher, trigger(clean), target))
+    result = {name: _summary(torch.cat(values)) for name, values in (
+        ("poison_with_trigger", with_trigger), ("poison_without_trigger", without),
+        ("clean_source", clean_p), ("clean_source_with_trigger", clean_trig))}
+    return result
+
+
+@torch.no_grad()
+def _perturbation(data, rows, crafted, device) -> dict:
+    """L∞ and L2 distance (pixel units) between the crafted images (before the trigger) and their sources."""
+    linf, l2 = [], []
+    for chunk_rows, adv in zip(rows.split(512), crafted.split(512)):
+        clean = data.pixels(chunk_rows.to(data.images.device)).to(device)
+        delta = adv.to(device).float() / 255 - clean
+        linf.append(delta.flatten(1).abs().amax(1))
+        l2.append(delta.flatten(1).norm(dim=1))
+    return {"linf": _summary(torch.cat(linf)), "l2": _summary(torch.cat(l2))}

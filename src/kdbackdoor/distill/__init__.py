@@ -1,0 +1,1 @@
+"""Knowledge distillation: losses and distillation on a (possibly poisoned) data set."""

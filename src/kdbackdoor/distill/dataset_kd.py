@@ -1,0 +1,138 @@
+"""Distillation on a data set: a student learns from a teacher on real (possibly poisoned) images.
+
+The student trains with the shared loop (augmentation, schedule, resumable state, progress)
+and the KD loss of ``kdbackdoor.distill.losses``. When the set carries poisons (its
+provenance says so) a *baseline* student can be distilled on the same set without them,
+so that the record puts the attack's effect beside what the data alone gives.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdbackdoor.atomic import write_json
+from kdbackdoor.data.dataset import ImageDataset
+from kdbackdoor.distill.losses import KDConfig, kd_loss, precompute_logits
+from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.evaluate import check_compatible, model_metrics
+from kdbackdoor.models import build_model, load_checkpoint, save_checkpoint
+from kdbackdoor.runtime import seed_everything
+from kdbackdoor.training import TrainConfig, fit
+from kdbackdoor.triggers import Trigger
+
+MODEL_FILE = "model.safetensors"
+RECORD_FILE = "metrics.json"
+BASELINE_DIR = "baseline"
+
+
+@dataclass
+class Backdoor:
+    """The backdoor a student is checked for: trigger, target and (optionally) the source classes."""
+
+    trigger: Trigger
+    target: int
+    source_classes: list[int] | None = None
+
+
+def distill(
+    teacher: torch.nn.Module,
+    train: ImageDataset,
+    test: ImageDataset,
+    student_arch: str,
+    config: TrainConfig,
+    kd: KDConfig,
+    out_dir: str | Path,
+    *,
+    device: torch.device,
+    backdoor: Backdoor | None = None,
+    baseline: bool = False,
+    evaluate_teacher: bool = True,
+    resume: bool = False,
+    progress: bool = True,
+    metadata: dict | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """Distill ``teacher`` into a new ``student_arch`` on ``train``; write the run to ``out_dir``.
+
+    Writes ``model.safetensors`` (+ ``model.json``, whose metadata is the run record) and
+    ``metrics.json``: student ACC (and ASR, per-source-class ASR and, for restricted sources,
+    the trigger's false-positive rate on the other classes), the teacher's metrics
+    (``evaluate_teacher``), and with ``baseline`` the same for a student distilled in
+    ``out_dir/baseline`` on ``train`` without its poisoned rows. Returns (student, record).
+    """
+    out_dir = Path(out_dir)
+    for data in (train, test):
+        check_compatible(teacher, data)
+    if train.image_shape != test.image_shape:
+        raise KDBackdoorError(f"training images are {train.image_shape} but test images {test.image_shape}")
+    started = time.perf_counter()
+    student, record = _distill_one(teacher, train, test, student_arch, config, kd, out_dir, device=device,
+                                   backdoor=backdoor, resume=resume, progress=progress)
+    if evaluate_teacher:
+        record["teacher_metrics"] = _metrics(teacher, test, backdoor, device)
+    if baseline:
+        record["baseline"] = _baseline(teacher, train, test, student_arch, config, kd, out_dir / BASELINE_DIR,
+                                       device=device, backdoor=backdoor, resume=resume, progress=progress)
+    record.update(wall_seconds_this_session=time.perf_counter() - started, device=str(device), **(metadata or {}))
+    save_checkpoint(student, out_dir / MODEL_FILE, classes=train.classes, metadata=record)
+    write_json(out_dir / RECORD_FILE, record)
+    return student, record
+
+
+def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, device, backdoor, resume, progress):
+    seed_everything(config.seed)
+    c, h, w = train.image_shape
+    student = build_model(student_arch, num_classes=train.num_classes, in_channels=c, input_size=(h, w)).to(device)
+    teacher = teacher.to(device).eval()
+    augmented = config.crop_padding > 0 or config.hflip
+    # without augmentation every row always looks the same: the teacher runs once per row, not per epoch
+    cached = None if augmented or kd.kd_lambda == 0 else precompute_logits(teacher, train.images.to(device))
+    history = fit(student, train, config, out_dir, loss_fn=kd_loss(teacher, kd, cached), test=test, device=device,
+                  resume=resume, progress=progress, description=f"distill {student_arch}")
+    poisoned = int(train.provenance.poisoned.sum()) if train.provenance is not None else 0
+    record = {
+        "student_arch": student_arch,
+        "train": {"name": train.name, "size": len(train), "poisoned": poisoned},
+        "test": {"name": test.name, "size": len(test)},
+        "config": config.model_dump(),
+        "kd": kd.model_dump(),
+        "teacher_logits_cached": cached is not None,
+        "backdoor": _backdoor_record(backdoor),
+        "metrics": _metrics(student, test, backdoor, device),
+        "history": history,
+    }
+    return student, record
+
+
+def _baseline(teacher, train, test, student_arch, config, kd, out_dir, *, device, backdoor, resume, progress):
+    """The same distillation without the poisoned rows (reused when a finished one is there)."""
+    if train.provenance is None or not train.provenance.poisoned.any():
+        raise KDBackdoorError("a baseline needs a poisoned training set (its provenance marks no poison)")
+    record_path = out_dir / RECORD_FILE
+    if resume and record_path.is_file() and (out_dir / MODEL_FILE).is_file():
+        load_checkpoint(out_dir / MODEL_FILE)  # proves the finished baseline is intact
+        return json.loads(record_path.read_text())
+    clean = train.subset(~train.provenance.poisoned, name=f"{train.name}-without-poisons")
+    student, record = _distill_one(teacher, clean, test, student_arch, config, kd, out_dir, device=device,
+                                   backdoor=backdoor, resume=resume, progress=progress)
+    save_checkpoint(student, out_dir / MODEL_FILE, classes=train.classes, metadata=record)
+    write_json(record_path, record)
+    return record
+
+
+def _metrics(model, test, backdoor, device) -> dict:
+    if backdoor is None:
+        return model_metrics(model, test, device=device)
+    return model_metrics(model, test, trigger=backdoor.trigger, target=backdoor.target,
+                         source_classes=backdoor.source_classes, device=device)
+
+
+def _backdoor_record(backdoor: Backdoor | None) -> dict | None:
+    if backdoor is None:
+        return None
+    return {"trigger": backdoor.trigger.config(), "target": backdoor.target,
+            "source_classes": backdoor.source_classes}

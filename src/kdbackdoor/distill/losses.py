@@ -1,0 +1,63 @@
+"""Distillation losses, defined once.
+
+KD loss (Hinton et al.): ``(1-λ)·CE(student, label) + λ·T²·KL(softmax(t/T) ‖ softmax(s/T))``,
+KL averaged over the batch ("batchmean"). T² keeps the soft term's gradient scale
+independent of the temperature. λ = 0 is plain supervised training, λ = 1 is KL only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from kdbackdoor.training import LossFn
+
+
+class KDConfig(BaseModel):
+    """Weights of the distillation loss."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kd_lambda: float = Field(0.5, ge=0, le=1, description="weight λ of the KL term; 1-λ weighs the label CE")
+    temperature: float = Field(4.0, gt=0, description="softmax temperature T of both models in the KL term")
+
+
+def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), mean over the batch."""
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def kd_loss(teacher: torch.nn.Module, config: KDConfig, teacher_logits: torch.Tensor | None = None) -> LossFn:
+    """A ``fit`` loss function for distilling ``teacher`` (kept in eval mode, no gradients).
+
+    ``teacher_logits`` (N, K), when given, are the teacher's logits for every training row,
+    computed beforehand (valid only without augmentation); the teacher is then not run.
+    With λ = 0 the teacher is never run either.
+    """
+    lam, temperature = config.kd_lambda, config.temperature
+    teacher.eval()
+
+    def loss_fn(model, x, y, idx):
+        logits = model(x)
+        loss = (1 - lam) * F.cross_entropy(logits, y) if lam < 1 else logits.new_zeros(())
+        if lam > 0:
+            if teacher_logits is not None:
+                target_logits = teacher_logits[idx.to(teacher_logits.device)].to(logits.device)
+            else:
+                with torch.no_grad():
+                    target_logits = teacher(x)
+            loss = loss + lam * kd_divergence(logits, target_logits, temperature)
+        return loss, logits
+    return loss_fn
+
+
+@torch.no_grad()
+def precompute_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Logits (N, K) of ``model`` in eval mode for uint8 images (N, C, H, W), on their device."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model(chunk.to(device).float() / 255).float().to(images.device)
+                      for chunk in images.split(batch_size)])
