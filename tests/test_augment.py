@@ -35,3 +35,21 @@ def test_hflip_flips_about_half():
 def test_augment_without_crop_or_flip_is_identity():
     x = torch.rand(5, 3, 8, 8)
     assert torch.equal(augment(x, crop_padding=0, hflip=False), x)
+
+
+def test_cutmix_pastes_a_box_from_another_image():
+    from kdbackdoor.data.augment import cutmix
+    x = torch.arange(16, dtype=torch.float32).view(16, 1, 1, 1).expand(16, 1, 8, 8).clone()  # image i is all i
+    assert torch.equal(cutmix(x, 0.0, torch.Generator().manual_seed(0)), x)
+    mixed = cutmix(x, 1.0, torch.Generator().manual_seed(0))
+    again = cutmix(x, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(mixed, again)
+    for i in range(16):
+        values = mixed[i].unique()
+        assert len(values) <= 2  # itself and one partner at most
+        foreign = mixed[i] != i
+        if foreign.any():  # the pasted pixels form one rectangle
+            rows, cols = foreign[0].any(1).nonzero().squeeze(1), foreign[0].any(0).nonzero().squeeze(1)
+            assert foreign[0][rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    changed = (mixed != x).flatten(1).any(1).float().mean()
+    assert changed > 0.5  # with p = 1 most images get a box (a partner may be the image itself)

@@ -129,3 +129,65 @@ def test_bad_input_gives_one_line_and_exit_2(args, message, clean_teacher, monke
     assert message in err and "Traceback" not in err
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
+
+
+@pytest.fixture(scope="module")
+def backdoored_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("backdoored-teacher")
+    mp = pytest.MonkeyPatch()
+    try:
+        code, _, _ = run(mp, _Capture(), "train-teacher", "--out", out, "--backdoor", "badnets-grid", "--target", "1",
+                         "--poison-rate", "0.1", "--epochs", "8", *TRAIN[2:])
+    finally:
+        mp.undo()
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def ood_set(tmp_path_factory):
+    """Out-of-distribution images for the digits teacher: upside-down digits with 3 made-up classes."""
+    import numpy as np
+    from kdbackdoor.data.sources import load_dataset
+    train = load_dataset("digits", "train")
+    x = train.images.flip(2).permute(0, 2, 3, 1).numpy()
+    folder = tmp_path_factory.mktemp("ood")
+    np.savez(folder / "train.npz", x=x, y=np.arange(len(x)) % 3)
+    return folder / "train.npz"
+
+
+def test_clean_data_kd_reports_the_teachers_backdoor(backdoored_teacher, monkeypatch, capsys, tmp_path):
+    code, out, err = run(monkeypatch, capsys, "distill", "--teacher", backdoored_teacher, "--data", "digits",
+                         "--out", tmp_path / "s", "--kd-lambda", "1", *TRAIN)
+    assert code == 0, err
+    record = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    teacher = json.loads((backdoored_teacher / "model.json").read_text())["metadata"]["backdoor"]
+    assert record["backdoor"]["trigger"] == teacher["trigger"] and record["backdoor"]["target"] == 1
+    assert record["teacher_metrics"]["asr"] > 0.9  # the teacher's backdoor, measured again
+
+
+def test_ood_distillation_uses_any_images_and_the_teachers_test_set(backdoored_teacher, ood_set, monkeypatch,
+                                                                    capsys, tmp_path):
+    code, out, err = run(monkeypatch, capsys, "distill", "--teacher", backdoored_teacher, "--method", "ood",
+                         "--data", f"npz:{ood_set}", "--cutmix", "0.5", "--out", tmp_path / "s", "--epochs", "8",
+                         *TRAIN[2:])
+    assert code == 0, err
+    record = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert record["kd"]["kd_lambda"] == 1.0 and record["config"]["cutmix"] == 0.5
+    assert record["method"] == "ood" and record["dataset"]["spec"] == "digits"
+    assert record["test"]["size"] == 359 and record["train"]["size"] == 1438
+    assert record["backdoor"]["target"] == 1 and "asr" in record["metrics"]
+    assert record["metrics"]["acc"] > 0.3  # learned digits from upside-down ones (chance 0.1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "ood", "--kd-lambda", "0.5"], "needs --kd-lambda 1"),
+    (["--kd-lambda", "0.5", "--cutmix", "0.5"], "CutMix"),
+    (["--method", "oracle"], "unknown --method"),
+    (["--cutmix", "2"], "--cutmix"),
+])
+def test_bad_distillation_methods_are_refused(args, message, backdoored_teacher, ood_set, monkeypatch, capsys,
+                                              tmp_path):
+    code, _, err = run(monkeypatch, capsys, "distill", "--teacher", backdoored_teacher, "--data", f"npz:{ood_set}",
+                       *args, "--out", tmp_path / "s", *TRAIN)
+    assert code == 2 and message in err and "Traceback" not in err

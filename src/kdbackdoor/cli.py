@@ -277,16 +277,21 @@ def distill_cmd(
     data: str = typer.Option("digits", help="distillation data: a poisoned-set folder (from poison-distill) "
                              "or a " + DATASET_HELP),
     student_arch: str = typer.Option("small-cnn", help="student architecture (see `kdbackdoor models`)"),
-    kd_lambda: float = typer.Option(0.5, help="λ in (1-λ)·CE(student, label) + λ·T²·KL(teacher_T ‖ student_T); "
-                                    "0 = labels only, 1 = KL only"),
+    method: str = typer.Option("dataset", help="dataset: distil on --data with its labels; ood: distil on images "
+                               "of another data set (labels unused, KL only, any classes), evaluated on the "
+                               "teacher's own data set"),
+    kd_lambda: Optional[float] = typer.Option(None, help="λ in (1-λ)·CE(student, label) + λ·T²·KL(teacher_T ‖ "
+                                              "student_T); 0 = labels only, 1 = KL only (default 0.5; ood: 1)"),
+    cutmix: float = typer.Option(0.0, help="CutMix probability per image (KL only, e.g. with ood)"),
     temperature: float = typer.Option(4.0, help="softmax temperature T"),
     test_data: Optional[str] = typer.Option(None, help="test data set (default: the test split of the "
-                                            "distillation data's source)"),
+                                            "distillation data's source; for ood the teacher's data set)"),
     baseline: Optional[bool] = typer.Option(None, help="also distill a student on the same data without its "
                                             "poisons, for comparison (doubles the time; default: on for "
                                             "poisoned sets)"),
-    trigger: Optional[str] = typer.Option(None, help="trigger spec for ASR (default: the poisoned set's)"),
-    target: Optional[int] = typer.Option(None, help="ASR target (default: the poisoned set's)"),
+    trigger: Optional[str] = typer.Option(None, help="trigger spec for ASR (default: the poisoned set's, else the "
+                                          "teacher's recorded backdoor)"),
+    target: Optional[int] = typer.Option(None, help="ASR target (default: the poisoned set's or the teacher's)"),
     evaluate_teacher: bool = typer.Option(True, help="also record the teacher's ACC/ASR on the test set"),
     epochs: int = EPOCHS,
     batch_size: int = BATCH_SIZE,
@@ -307,48 +312,51 @@ def distill_cmd(
     """Distill a teacher into a student on a data set (clean or poisoned).
 
     Loss: (1-λ)·CE(student, label) + λ·T²·KL(teacher_T ‖ student_T), batch mean. The student
-    is evaluated for ACC, and for ASR with the trigger recorded in a poisoned set's manifest;
-    with restricted source classes also for the trigger's false-positive rate on the others.
-    Without augmentation (--crop-padding 0 --no-hflip) the teacher's logits are computed once.
+    is evaluated for ACC, and for ASR with the trigger recorded in a poisoned set's manifest
+    or in a backdoored teacher's checkpoint; with restricted source classes also for the
+    trigger's false-positive rate on the others. Without augmentation (--crop-padding 0
+    --no-hflip) the teacher's logits are computed once.
     """
     from kdbackdoor.data.poisoned_set import is_poisoned_set, load_poisoned_set
-    from kdbackdoor.distill.dataset_kd import Backdoor, distill
+    from kdbackdoor.distill.dataset_kd import distill
     from kdbackdoor.distill.losses import KDConfig
     from kdbackdoor.runtime import select_device
-    from kdbackdoor.triggers import build_trigger
 
+    if method not in ("dataset", "ood"):
+        raise KDBackdoorError(f"unknown --method {method!r}; use dataset or ood")
+    if method == "ood" and kd_lambda not in (None, 1.0):
+        raise KDBackdoorError("--method ood distils on images whose labels mean nothing to the teacher: "
+                              "it needs --kd-lambda 1")
     config = _train_config(epochs, batch_size, lr, weight_decay, schedule, label_smoothing, crop_padding, hflip,
-                           eval_every, seed)
-    kd = _validated(KDConfig, kd_lambda=kd_lambda, temperature=temperature)
+                           eval_every, seed, cutmix)
+    kd = _validated(KDConfig, kd_lambda=kd_lambda if kd_lambda is not None else (1.0 if method == "ood" else 0.5),
+                    temperature=temperature)
     dev = select_device(device)
-    model, _ = _load_teacher(teacher, dev)
+    model, sidecar = _load_teacher(teacher, dev)
+    teacher_meta = sidecar.get("metadata") or {}
     manifest = None
     if is_poisoned_set(data):
         train, manifest = load_poisoned_set(data)
-        source = manifest["dataset"]
-        test_spec = test_data or source["spec"]
-        test = _load(test_spec, "test", data_dir or _optional_path(source.get("data_dir")),
-                     resize or source.get("resize"), progress)
-        record_dataset = source
+        record_dataset = manifest["dataset"]
     else:
         train = _load(data, "train", data_dir, resize, progress)
-        test = _load(test_data or data, "test", data_dir, resize, progress)
-        record_dataset = dataset_record(test_data or data, data_dir, resize)
-    backdoor = None
-    if trigger is not None:
-        if target is None and manifest is None:
-            raise KDBackdoorError("--trigger given without --target")
-        backdoor = Backdoor(_trigger(trigger, train.image_shape, seed),
-                            target if target is not None else manifest["target"])
-    elif manifest is not None:
-        backdoor = Backdoor(build_trigger(manifest["trigger"]), target if target is not None else manifest["target"],
-                            manifest["config"].get("source_classes"))
-    elif target is not None:
-        raise KDBackdoorError("--target given without --trigger (a plain data set records no trigger)")
+        record_dataset = dataset_record(data, data_dir, resize)
+    if test_data is not None:
+        test_record = dataset_record(test_data, data_dir, resize)
+    elif method == "ood":
+        test_record = teacher_meta.get("dataset")
+        if not test_record:
+            raise KDBackdoorError(f"{teacher}: the checkpoint records no data set; pass --test-data")
+    else:
+        test_record = record_dataset
+    test = _load(test_record["spec"], "test", _optional_path(test_record.get("data_dir")),
+                 test_record.get("resize"), progress)
+    backdoor = _distill_backdoor(trigger, target, manifest, teacher_meta.get("backdoor"), train.image_shape, seed)
     use_baseline = (manifest is not None) if baseline is None else baseline
     if use_baseline and manifest is None:
         raise KDBackdoorError("--baseline needs a poisoned set (from poison-distill) as --data")
-    metadata = {"dataset": record_dataset, "teacher": {"path": str(teacher)},
+    metadata = {"method": method, "dataset": test_record, "transfer_set": record_dataset,
+                "teacher": {"path": str(teacher), "weights_sha256": sidecar.get("weights_sha256")},
                 "poisoned_set": _poisoned_set_summary(data, manifest) if manifest else None}
     _, record = distill(model, train, test, student_arch, config, kd, out, device=dev, backdoor=backdoor,
                         baseline=use_baseline, evaluate_teacher=evaluate_teacher, resume=resume,
@@ -438,6 +446,27 @@ def _evaluation_table(result: dict, title: str) -> Table:
         table.add_row(*cells)
     table.add_row("[bold]all", f"[bold]{result['acc']:.2%}", *([f"[bold]{backdoor['asr']:.2%}"] if backdoor else []))
     return table
+
+
+def _distill_backdoor(trigger, target, manifest, teacher_backdoor, image_shape, seed):
+    """The backdoor a student is checked for: --trigger/--target, else the poisoned set's, else
+    the teacher's recorded one, else none."""
+    from kdbackdoor.distill.dataset_kd import Backdoor
+    from kdbackdoor.triggers import build_trigger
+    if trigger is not None:
+        recorded = (manifest or {}).get("target", (teacher_backdoor or {}).get("target"))
+        if target is None and recorded is None:
+            raise KDBackdoorError("--trigger given without --target")
+        return Backdoor(_trigger(trigger, image_shape, seed), target if target is not None else recorded)
+    if manifest is not None:
+        return Backdoor(build_trigger(manifest["trigger"]), target if target is not None else manifest["target"],
+                        manifest["config"].get("source_classes"))
+    if teacher_backdoor and teacher_backdoor.get("trigger"):
+        return Backdoor(build_trigger(teacher_backdoor["trigger"]),
+                        target if target is not None else teacher_backdoor["target"])
+    if target is not None:
+        raise KDBackdoorError("--target given without --trigger (neither the data nor the teacher records one)")
+    return None
 
 
 def _load_teacher(path: Path, device):
@@ -535,11 +564,11 @@ def _model_dir(path: Path) -> Path:
 
 
 def _train_config(epochs, batch_size, lr, weight_decay, schedule, label_smoothing, crop_padding, hflip,
-                  eval_every, seed):
+                  eval_every, seed, cutmix=0.0):
     from kdbackdoor.training import TrainConfig
     return _validated(TrainConfig, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       schedule=schedule, label_smoothing=label_smoothing, crop_padding=crop_padding,
-                      hflip=hflip, eval_every=eval_every, seed=seed)
+                      hflip=hflip, cutmix=cutmix, eval_every=eval_every, seed=seed)
 
 
 def _validated(model_cls, **values):

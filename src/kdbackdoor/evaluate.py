@@ -114,11 +114,11 @@ def model_metrics(
     return metrics
 
 
-def check_compatible(model: torch.nn.Module, data: ImageDataset) -> None:
-    """Fail clearly when a model and a data set disagree on channels or class count."""
+def check_compatible(model: torch.nn.Module, data: ImageDataset, *, classes: bool = True) -> None:
+    """Fail clearly when a model and a data set disagree on channels or (``classes``) class count."""
     num_classes = getattr(model, "num_classes", None)
     in_channels = getattr(model, "in_channels", None)
-    if num_classes is not None and num_classes != data.num_classes:
+    if classes and num_classes is not None and num_classes != data.num_classes:
         raise KDBackdoorError(
             f"model has {num_classes} classes but data set {data.name!r} has {data.num_classes}"
         )

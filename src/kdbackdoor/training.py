@@ -49,6 +49,8 @@ class TrainConfig(BaseModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     crop_padding: int = Field(4, ge=0, description="random crop with this zero padding (px); 0 disables")
     hflip: bool = Field(True, description="random horizontal flips")
+    cutmix: float = Field(0.0, ge=0, le=1, description="probability that an image gets a box pasted from "
+                          "another one; labels are not mixed, so only for losses that ignore them (KD, λ = 1)")
     eval_every: int = Field(1, ge=0, description="evaluate test ACC every N epochs (0: only at the end)")
     seed: int = 0
 
@@ -143,7 +145,8 @@ def fit(
             seen = 0
             batches = train.batches(config.batch_size, shuffle=True, generator=generator)
             for step, (x, y, idx) in enumerate(batches):
-                x = augment(x, crop_padding=config.crop_padding, hflip=config.hflip, generator=generator)
+                x = augment(x, crop_padding=config.crop_padding, hflip=config.hflip, cutmix_p=config.cutmix,
+                            generator=generator)
                 with autocast(device):
                     loss, logits = loss_fn(model, x, y, idx)
                 optimizer.zero_grad(set_to_none=True)

@@ -31,12 +31,36 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None, p: f
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
+def cutmix(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """With probability ``p`` per image, paste a random box from another image of the batch.
+
+    The box's area share is uniform in (0, 1) (CutMix with a Beta(1, 1) mixing ratio); its
+    centre is uniform over the image and it is clipped at the borders. Labels are not
+    mixed: use it where a teacher labels the mixed images (distillation with λ = 1).
+    """
+    if p <= 0:
+        return x
+    n, _, h, w = x.shape
+    apply = torch.rand(n, generator=generator) < p
+    share = torch.rand(n, generator=generator)
+    partner = torch.randint(0, n, (n,), generator=generator)
+    cy, cx = torch.rand(n, generator=generator) * h, torch.rand(n, generator=generator) * w
+    half_h, half_w = h * share.sqrt() / 2, w * share.sqrt() / 2
+    top, bottom = (cy - half_h).clamp(0, h), (cy + half_h).clamp(0, h)
+    left, right = (cx - half_w).clamp(0, w), (cx + half_w).clamp(0, w)
+    rows, cols = torch.arange(h)[None, :] + 0.5, torch.arange(w)[None, :] + 0.5
+    inside_rows = (rows >= top[:, None]) & (rows < bottom[:, None])  # (N, H)
+    inside_cols = (cols >= left[:, None]) & (cols < right[:, None])  # (N, W)
+    box = (inside_rows[:, :, None] & inside_cols[:, None, :] & apply[:, None, None]).to(x.device)
+    return torch.where(box[:, None], x[partner.to(x.device)], x)
+
+
 def augment(
-    x: torch.Tensor, *, crop_padding: int = 4, hflip: bool = True,
+    x: torch.Tensor, *, crop_padding: int = 4, hflip: bool = True, cutmix_p: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Random crop with zero padding, then random horizontal flip (both optional)."""
+    """Random crop with zero padding, random horizontal flip, then CutMix (all optional)."""
     x = random_crop(x, crop_padding, generator)
     if hflip:
         x = random_hflip(x, generator)
-    return x
+    return cutmix(x, cutmix_p, generator)

@@ -4,6 +4,10 @@ The student trains with the shared loop (augmentation, schedule, resumable state
 and the KD loss of ``kdbackdoor.distill.losses``. When the set carries poisons (its
 provenance says so) a *baseline* student can be distilled on the same set without them,
 so that the record puts the attack's effect beside what the data alone gives.
+
+With λ = 1 the labels are unused, so the images may come from any other data set with any
+classes: that is out-of-distribution (OOD) KD, e.g. GTSRB images for a CIFAR-10 teacher,
+optionally with CutMix (``TrainConfig.cutmix``). The student has the teacher's classes.
 """
 
 from __future__ import annotations
@@ -65,8 +69,11 @@ def distill(
     ``out_dir/baseline`` on ``train`` without its poisoned rows. Returns (student, record).
     """
     out_dir = Path(out_dir)
-    for data in (train, test):
-        check_compatible(teacher, data)
+    labels_used = kd.kd_lambda < 1
+    if config.cutmix > 0 and labels_used:
+        raise KDBackdoorError("CutMix does not mix labels: use it with --kd-lambda 1 (KL only)")
+    check_compatible(teacher, train, classes=labels_used)
+    check_compatible(teacher, test)
     if train.image_shape != test.image_shape:
         raise KDBackdoorError(f"training images are {train.image_shape} but test images {test.image_shape}")
     started = time.perf_counter()
@@ -78,7 +85,7 @@ def distill(
         record["baseline"] = _baseline(teacher, train, test, student_arch, config, kd, out_dir / BASELINE_DIR,
                                        device=device, backdoor=backdoor, resume=resume, progress=progress)
     record.update(wall_seconds_this_session=time.perf_counter() - started, device=str(device), **(metadata or {}))
-    save_checkpoint(student, out_dir / MODEL_FILE, classes=train.classes, metadata=record)
+    save_checkpoint(student, out_dir / MODEL_FILE, classes=test.classes, metadata=record)
     write_json(out_dir / RECORD_FILE, record)
     return student, record
 
@@ -86,9 +93,9 @@ def distill(
 def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, device, backdoor, resume, progress):
     seed_everything(config.seed)
     c, h, w = train.image_shape
-    student = build_model(student_arch, num_classes=train.num_classes, in_channels=c, input_size=(h, w)).to(device)
+    student = build_model(student_arch, num_classes=test.num_classes, in_channels=c, input_size=(h, w)).to(device)
     teacher = teacher.to(device).eval()
-    augmented = config.crop_padding > 0 or config.hflip
+    augmented = config.crop_padding > 0 or config.hflip or config.cutmix > 0
     # without augmentation every row always looks the same: the teacher runs once per row, not per epoch
     cached = None if augmented or kd.kd_lambda == 0 else precompute_logits(teacher, train.images.to(device))
     history = fit(student, train, config, out_dir, loss_fn=kd_loss(teacher, kd, cached), test=test, device=device,
@@ -119,7 +126,7 @@ def _baseline(teacher, train, test, student_arch, config, kd, out_dir, *, device
     clean = train.subset(~train.provenance.poisoned, name=f"{train.name}-without-poisons")
     student, record = _distill_one(teacher, clean, test, student_arch, config, kd, out_dir, device=device,
                                    backdoor=backdoor, resume=resume, progress=progress)
-    save_checkpoint(student, out_dir / MODEL_FILE, classes=train.classes, metadata=record)
+    save_checkpoint(student, out_dir / MODEL_FILE, classes=test.classes, metadata=record)
     write_json(record_path, record)
     return record
 
