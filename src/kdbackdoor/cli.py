@@ -25,6 +25,7 @@ err_console = Console(stderr=True, soft_wrap=True)  # errors stay on one line
 DATASET_HELP = ("data set: digits (embedded, no download), cifar10, cifar100 (downloaded with checksum "
                 "or read from --data-dir), gtsrb (official layout in --data-dir), imagefolder:PATH, npz:PATH")
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda, cuda:N"
+DATA_FREE = "Data-free (--method zskt | dfad)"
 
 # Options shared by every command that trains a model (one definition, the same defaults).
 EPOCHS = typer.Option(30, min=1)
@@ -163,7 +164,7 @@ def evaluate_cmd(
     out = out or _model_dir(model) / "evaluation.json"
     write_json(out, result)
     console.print(_evaluation_table(result, f"{model} on {dataset}:{split}"))
-    recorded = _run_summary(meta, student=False) if "kd" in meta else ""
+    recorded = _run_summary(meta, student=False) if "teacher" in meta else ""  # a distilled student
     if recorded:
         console.print("recorded when distilled:\n" + recorded)
     console.print(f"written to {out}")
@@ -279,7 +280,8 @@ def distill_cmd(
     student_arch: str = typer.Option("small-cnn", help="student architecture (see `kdbackdoor models`)"),
     method: str = typer.Option("dataset", help="dataset: distil on --data with its labels; ood: distil on images "
                                "of another data set (labels unused, KL only, any classes), evaluated on the "
-                               "teacher's own data set"),
+                               "teacher's own data set; zskt, dfad: data-free, images from an adversarial "
+                               "generator (--data unused)"),
     kd_lambda: Optional[float] = typer.Option(None, help="λ in (1-λ)·CE(student, label) + λ·T²·KL(teacher_T ‖ "
                                               "student_T); 0 = labels only, 1 = KL only (default 0.5; ood: 1)"),
     cutmix: float = typer.Option(0.0, help="CutMix probability per image (KL only, e.g. with ood)"),
@@ -308,8 +310,22 @@ def distill_cmd(
     device: str = DEVICE,
     resume: bool = RESUME,
     progress: bool = PROGRESS,
+    iterations: int = typer.Option(2000, min=1, help="outer iterations", rich_help_panel=DATA_FREE),
+    generator_steps: int = typer.Option(1, min=1, help="generator steps per iteration", rich_help_panel=DATA_FREE),
+    student_steps: Optional[int] = typer.Option(None, min=1, help="student steps per iteration (zskt 10, dfad 5)",
+                                                rich_help_panel=DATA_FREE),
+    latent_dim: Optional[int] = typer.Option(None, min=1, help="generator latent size (zskt 100, dfad 256)",
+                                             rich_help_panel=DATA_FREE),
+    generator_lr: Optional[float] = typer.Option(None, help="generator Adam step (1e-3)", rich_help_panel=DATA_FREE),
+    student_lr: Optional[float] = typer.Option(None, help="student step (zskt Adam 2e-3, dfad SGD 0.1)",
+                                               rich_help_panel=DATA_FREE),
+    attention_beta: Optional[float] = typer.Option(None, help="attention-transfer weight β (zskt 250)",
+                                                   rich_help_panel=DATA_FREE),
+    checkpoint_every: int = typer.Option(50, min=1, help="save the resumable state every N iterations",
+                                         rich_help_panel=DATA_FREE),
 ) -> None:
-    """Distill a teacher into a student on a data set (clean or poisoned).
+    """Distill a teacher into a student on a data set (clean, poisoned or out-of-distribution)
+    or without data (zskt, dfad).
 
     Loss: (1-λ)·CE(student, label) + λ·T²·KL(teacher_T ‖ student_T), batch mean. The student
     is evaluated for ACC, and for ASR with the trigger recorded in a poisoned set's manifest
@@ -319,11 +335,21 @@ def distill_cmd(
     """
     from kdbackdoor.data.poisoned_set import is_poisoned_set, load_poisoned_set
     from kdbackdoor.distill.dataset_kd import distill
+    from kdbackdoor.distill.generator_kd import GeneratorKDConfig
     from kdbackdoor.distill.losses import KDConfig
     from kdbackdoor.runtime import select_device
 
+    if method in ("zskt", "dfad"):
+        generator_config = _validated(
+            GeneratorKDConfig, method=method, iterations=iterations, batch_size=batch_size, latent_dim=latent_dim,
+            generator_lr=generator_lr, student_lr=student_lr, generator_steps=generator_steps,
+            student_steps=student_steps, attention_beta=attention_beta, temperature=temperature,
+            eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)
+        _distill_data_free(teacher, student_arch, generator_config, test_data, data_dir, resize, trigger, target,
+                           evaluate_teacher, out, device, resume, progress)
+        return
     if method not in ("dataset", "ood"):
-        raise KDBackdoorError(f"unknown --method {method!r}; use dataset or ood")
+        raise KDBackdoorError(f"unknown --method {method!r}; use dataset, ood, zskt or dfad")
     if method == "ood" and kd_lambda not in (None, 1.0):
         raise KDBackdoorError("--method ood distils on images whose labels mean nothing to the teacher: "
                               "it needs --kd-lambda 1")
@@ -344,9 +370,7 @@ def distill_cmd(
     if test_data is not None:
         test_record = dataset_record(test_data, data_dir, resize)
     elif method == "ood":
-        test_record = teacher_meta.get("dataset")
-        if not test_record:
-            raise KDBackdoorError(f"{teacher}: the checkpoint records no data set; pass --test-data")
+        test_record = _teacher_dataset(teacher, teacher_meta)
     else:
         test_record = record_dataset
     test = _load(test_record["spec"], "test", _optional_path(test_record.get("data_dir")),
@@ -446,6 +470,33 @@ def _evaluation_table(result: dict, title: str) -> Table:
         table.add_row(*cells)
     table.add_row("[bold]all", f"[bold]{result['acc']:.2%}", *([f"[bold]{backdoor['asr']:.2%}"] if backdoor else []))
     return table
+
+
+def _teacher_dataset(path: Path, teacher_meta: dict) -> dict:
+    if not teacher_meta.get("dataset"):
+        raise KDBackdoorError(f"{path}: the checkpoint records no data set; pass --test-data")
+    return teacher_meta["dataset"]
+
+
+def _distill_data_free(teacher, student_arch, config, test_data, data_dir, resize, trigger, target,
+                       evaluate_teacher, out, device, resume, progress) -> None:
+    """`distill --method zskt|dfad`: no training data; tested on --test-data or the teacher's data set."""
+    from kdbackdoor.distill.generator_kd import distill_generator
+    from kdbackdoor.runtime import select_device
+    dev = select_device(device)
+    model, sidecar = _load_teacher(teacher, dev)
+    teacher_meta = sidecar.get("metadata") or {}
+    test_record = dataset_record(test_data, data_dir, resize) if test_data else _teacher_dataset(teacher, teacher_meta)
+    test = _load(test_record["spec"], "test", _optional_path(test_record.get("data_dir")),
+                 test_record.get("resize"), progress)
+    backdoor = _distill_backdoor(trigger, target, None, teacher_meta.get("backdoor"), test.image_shape, config.seed)
+    metadata = {"dataset": test_record,
+                "teacher": {"path": str(teacher), "weights_sha256": sidecar.get("weights_sha256")}}
+    _, record = distill_generator(model, test, student_arch, config, out, device=dev, backdoor=backdoor,
+                                  evaluate_teacher=evaluate_teacher, resume=resume, progress=progress,
+                                  metadata=metadata)
+    console.print(_run_summary(record))
+    console.print(f"→ {out / 'model.safetensors'}")
 
 
 def _distill_backdoor(trigger, target, manifest, teacher_backdoor, image_shape, seed):

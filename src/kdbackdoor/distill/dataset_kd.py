@@ -80,7 +80,7 @@ def distill(
     student, record = _distill_one(teacher, train, test, student_arch, config, kd, out_dir, device=device,
                                    backdoor=backdoor, resume=resume, progress=progress)
     if evaluate_teacher:
-        record["teacher_metrics"] = _metrics(teacher, test, backdoor, device)
+        record["teacher_metrics"] = student_metrics(teacher, test, backdoor, device)
     if baseline:
         record["baseline"] = _baseline(teacher, train, test, student_arch, config, kd, out_dir / BASELINE_DIR,
                                        device=device, backdoor=backdoor, resume=resume, progress=progress)
@@ -108,8 +108,8 @@ def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, dev
         "config": config.model_dump(),
         "kd": kd.model_dump(),
         "teacher_logits_cached": cached is not None,
-        "backdoor": _backdoor_record(backdoor),
-        "metrics": _metrics(student, test, backdoor, device),
+        "backdoor": backdoor_record(backdoor),
+        "metrics": student_metrics(student, test, backdoor, device),
         "history": history,
     }
     return student, record
@@ -131,14 +131,17 @@ def _baseline(teacher, train, test, student_arch, config, kd, out_dir, *, device
     return record
 
 
-def _metrics(model, test, backdoor, device) -> dict:
+def student_metrics(model: torch.nn.Module, test: ImageDataset, backdoor: Backdoor | None,
+                    device: torch.device) -> dict:
+    """``model_metrics`` on ``test`` for the backdoor a distilled student is checked for (if any)."""
     if backdoor is None:
         return model_metrics(model, test, device=device)
     return model_metrics(model, test, trigger=backdoor.trigger, target=backdoor.target,
                          source_classes=backdoor.source_classes, device=device)
 
 
-def _backdoor_record(backdoor: Backdoor | None) -> dict | None:
+def backdoor_record(backdoor: Backdoor | None) -> dict | None:
+    """The backdoor as JSON data for run records (None when there is none)."""
     if backdoor is None:
         return None
     return {"trigger": backdoor.trigger.config(), "target": backdoor.target,

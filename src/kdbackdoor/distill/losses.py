@@ -61,3 +61,25 @@ def precompute_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: 
     device = next(model.parameters()).device
     return torch.cat([model(chunk.to(device).float() / 255).float().to(images.device)
                       for chunk in images.split(batch_size)])
+
+
+def attention_map(features: torch.Tensor) -> torch.Tensor:
+    """Spatial attention of a feature map (N, C, H, W): mean of squares over channels,
+    flattened and L2-normalised per sample -> (N, H·W) (Zagoruyko & Komodakis)."""
+    attention = features.float().pow(2).mean(1)
+    return F.normalize(attention.flatten(1), dim=1)
+
+
+def attention_transfer_loss(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]) -> torch.Tensor:
+    """Sum over paired stages of the mean L2 distance between attention maps.
+
+    Stages are paired from the last one backwards (as many as the shorter list has); when a
+    pair's spatial sizes differ, the larger map is average-pooled to the smaller size.
+    """
+    total = student_features[0].new_zeros((), dtype=torch.float32)
+    for s, t in zip(reversed(student_features), reversed(teacher_features)):
+        size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
+        s = F.adaptive_avg_pool2d(s, size) if s.shape[-2:] != size else s
+        t = F.adaptive_avg_pool2d(t, size) if t.shape[-2:] != size else t
+        total = total + (attention_map(s) - attention_map(t)).norm(dim=1).mean()
+    return total
