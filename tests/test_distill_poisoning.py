@@ -181,6 +181,7 @@ def test_poisoned_set_round_trip_and_integrity(digits_teacher, small_train, tmp_
         load_poisoned_set(tmp_path / "set")
 
 
+@pytest.mark.slow  # about 1.5 min; the default run checks the same effect through the demo (test_demo)
 def test_the_attack_plants_the_trigger_in_a_distilled_student(digits, digits_teacher, tmp_path):
     """Fixed seeds, digits: a student distilled (λ = 0.5) on the poisoned set answers the trigger
     with the target far more often than a student distilled on the same set without poisons.

@@ -36,6 +36,7 @@ def test_method_defaults_fill_only_what_is_not_given():
         GeneratorKDConfig(method="cmi")
 
 
+@pytest.mark.slow  # about 1 min of CPU
 def test_dfad_student_learns_digits_without_data(digits, digits_teacher, tmp_path):
     """No training image is ever shown: the student learns from generated images only."""
     _, test = digits
