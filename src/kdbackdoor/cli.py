@@ -451,7 +451,7 @@ def demo_cmd(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     progress: bool = typer.Option(True),
 ) -> None:
-    """End-to-end run on the embedded digits data (no download, about a minute on a laptop CPU)."""
+    """End-to-end run on the embedded digits data (no download, a few minutes on a 2-core CPU)."""
     from kdbackdoor.demo import run_demo
     from kdbackdoor.runtime import select_device
     run_demo(out, device=select_device(device), progress=progress, console=console)

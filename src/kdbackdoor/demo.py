@@ -1,4 +1,4 @@
-"""The end-to-end demo on the embedded digits data: no download, a minute or two on a CPU.
+"""The end-to-end demo on the embedded digits data: no download, a few minutes on a CPU.
 
 It trains a clean and a backdoored teacher, evaluates both (ACC, ASR), renders the trigger,
 and checks that a checkpoint reloads safely with identical accuracy. Then it attacks
