@@ -1,0 +1,295 @@
+"""Data-free distillation: the student learns the teacher from synthetic images only.
+
+One loop serves every method; the methods differ in their synthesiser
+(``kdbackdoor.distill.synthesis``) and their defaults. Each outer iteration runs one
+synthesis round, then ``student_steps`` student steps on images the synthesiser provides.
+
+- ``zskt`` (Zero-Shot Knowledge Transfer, Micaelli & Storkey 2019): adversarial generator;
+  KL(teacher ‖ student) plus attention transfer over the stages (β 250); z 100, Adam 1e-3
+  (generator) and 2e-3 (student), 1 generator and 10 student steps per iteration.
+- ``dfad`` (Data-Free Adversarial Distillation, Fang et al. 2019): adversarial generator,
+  L1 between logits; z 256, SGD 0.1 for the student, 5 student steps per generator step.
+- ``deepinversion`` (Yin et al. 2020): images optimised against BatchNorm statistics and a
+  target class (2000 Adam steps per batch), kept in a pool; KL at T = 20. Adaptive with
+  ``adv_weight`` > 0.
+- ``cmi`` (Contrastive Model Inversion, Fang et al. 2021): a re-initialised generator and
+  learnable latents per round (200 steps), BatchNorm + one-hot + adversarial + contrastive
+  terms with a memory bank, growing pool; KL at T = 20.
+
+A defense (``kdbackdoor.distill.hooks.DistillDefense``) may add a synthesis term, weight the
+student's samples or replace its step. Training state is saved atomically every
+``checkpoint_every`` iterations; ``resume`` continues from it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from kdbackdoor.atomic import atomic_path, write_json
+from kdbackdoor.data.augment import augment
+from kdbackdoor.data.dataset import ImageDataset
+from kdbackdoor.distill.dataset_kd import MODEL_FILE, RECORD_FILE, Backdoor, backdoor_record, student_metrics
+from kdbackdoor.distill.hooks import DistillDefense, StudentStep
+from kdbackdoor.distill.losses import attention_transfer_loss
+from kdbackdoor.distill.synthesis import SYNTHESIZERS, AdversarialGenerator, PooledSynthesizer, SynthesisContext
+from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.evaluate import accuracy, check_compatible
+from kdbackdoor.image_grid import save_image_batch
+from kdbackdoor.models import build_model, save_checkpoint
+from kdbackdoor.models.features import forward_with_features
+from kdbackdoor.models.generator import save_generator
+from kdbackdoor.runtime import autocast, cpu_generator, seed_everything
+
+STATE_FILE = "train_state.pt"
+GENERATOR_FILE = "generator/generator.safetensors"  # a subfolder: the run folder holds one model
+SAMPLES_FILE = "samples.png"
+METHODS = tuple(SYNTHESIZERS)
+
+# Each method's own settings; every field not named here takes COMMON_DEFAULTS.
+METHOD_DEFAULTS: dict[str, dict] = {
+    "zskt": {"latent_dim": 100, "synthesis_lr": 1e-3, "synthesis_steps": 1, "student_optimizer": "adam",
+             "student_lr": 2e-3, "student_steps": 10, "loss": "kl", "temperature": 1.0, "attention_beta": 250.0},
+    "dfad": {"latent_dim": 256, "synthesis_lr": 1e-3, "synthesis_steps": 1, "student_optimizer": "sgd",
+             "student_lr": 0.1, "student_steps": 5, "loss": "l1", "temperature": 1.0},
+    "deepinversion": {"synthesis_lr": 0.05, "synthesis_steps": 2000, "synthesis_batch_size": 256,
+                      "student_steps": 2000, "bn_weight": 10.0, "onehot_weight": 1.0, "tv_weight": 1e-3,
+                      "l2_weight": 0.0, "adv_weight": 0.0},
+    "cmi": {"latent_dim": 256, "synthesis_lr": 1e-3, "synthesis_steps": 200, "synthesis_batch_size": 256,
+            "student_steps": 2000, "bn_weight": 1.0, "onehot_weight": 0.5, "adv_weight": 0.5,
+            "contrastive_weight": 0.8},
+}
+COMMON_DEFAULTS: dict = {
+    "latent_dim": 256, "student_optimizer": "sgd", "student_lr": 0.1, "loss": "kl", "temperature": 20.0,
+    "attention_beta": 0.0, "bn_weight": 0.0, "onehot_weight": 0.0, "tv_weight": 0.0, "l2_weight": 0.0,
+    "adv_weight": 0.0, "contrastive_weight": 0.0,
+}
+
+
+class DataFreeConfig(BaseModel):
+    """A data-free run. Fields left as None take the method's defaults (see METHOD_DEFAULTS)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["zskt", "dfad", "deepinversion", "cmi"] = "zskt"
+    iterations: int = Field(2000, ge=1, description="outer iterations (each: one synthesis round, then student steps)")
+    batch_size: int = Field(128, ge=2, description="images per student step")
+    synthesis_batch_size: int | None = Field(None, ge=2, description="images per synthesis round (default: "
+                                             "batch_size for zskt/dfad, 256 for deepinversion/cmi)")
+    synthesis_steps: int | None = Field(None, ge=1, description="optimisation steps per synthesis round")
+    synthesis_lr: float | None = Field(None, gt=0, description="Adam step of the generator (or of the pixels, "
+                                       "deepinversion)")
+    latent_dim: int | None = Field(None, ge=1)
+    generator_width: int = Field(64, ge=4, description="channels of the generator's first feature map")
+    student_lr: float | None = Field(None, gt=0)
+    student_optimizer: Literal["adam", "sgd"] | None = None
+    student_steps: int | None = Field(None, ge=1, description="student steps per iteration")
+    loss: Literal["kl", "l1"] | None = Field(None, description="kl: T²·KL(teacher_T ‖ student_T); l1: mean |Δlogit|")
+    temperature: float | None = Field(None, gt=0)
+    attention_beta: float | None = Field(None, ge=0, description="weight of attention transfer")
+    bn_weight: float | None = Field(None, ge=0, description="BatchNorm-statistics prior (deepinversion, cmi)")
+    onehot_weight: float | None = Field(None, ge=0, description="cross-entropy to the round's target classes")
+    tv_weight: float | None = Field(None, ge=0, description="total-variation prior (deepinversion)")
+    l2_weight: float | None = Field(None, ge=0, description="pixel L2 prior around mid-grey (deepinversion)")
+    adv_weight: float | None = Field(None, ge=0, description="teacher/student disagreement term (adaptive "
+                                     "deepinversion, cmi)")
+    contrastive_weight: float | None = Field(None, ge=0, description="InfoNCE term (cmi)")
+    contrastive_temperature: float = Field(0.1, gt=0)
+    bank_size: int = Field(40960, ge=1, description="teacher features kept for contrast (cmi)")
+    negatives: int = Field(4096, ge=1, description="bank features drawn per step (cmi)")
+    pool_size: int = Field(50000, ge=1, description="synthetic images kept (deepinversion, cmi; oldest dropped)")
+    eval_every: int = Field(0, ge=0, description="test ACC every N iterations (0: at the end only)")
+    checkpoint_every: int = Field(50, ge=1, description="save the resumable state every N iterations")
+    save_samples: bool = Field(False, description="write a PNG grid of the last synthetic images")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fill_method_defaults(self) -> "DataFreeConfig":
+        defaults = {**COMMON_DEFAULTS, "synthesis_batch_size": self.batch_size, **METHOD_DEFAULTS[self.method]}
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        return self
+
+
+def distill_data_free(
+    teacher: torch.nn.Module,
+    test: ImageDataset,
+    student_arch: str,
+    config: DataFreeConfig,
+    out_dir: str | Path,
+    *,
+    device: torch.device,
+    backdoor: Backdoor | None = None,
+    defense: DistillDefense | None = None,
+    evaluate_teacher: bool = True,
+    resume: bool = False,
+    progress: bool = True,
+    metadata: dict | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """Distill ``teacher`` into a new ``student_arch`` without data; write the run to ``out_dir``.
+
+    Images have the teacher's channels and input size. Writes ``model.safetensors`` (+
+    ``model.json``), ``metrics.json`` (student metrics on ``test`` as in dataset KD, history,
+    config, defense record, throughput), the generator for zskt/dfad
+    (``generator/generator.safetensors``) and with ``save_samples`` a PNG of the last
+    synthetic images. The teacher is frozen. Returns (student, record).
+    """
+    out_dir = Path(out_dir)
+    check_compatible(teacher, test)
+    state_path = out_dir / STATE_FILE
+    if state_path.exists() and not resume:
+        raise KDBackdoorError(f"{out_dir} already holds a training state; pass --resume to continue it, "
+                              "or choose another --out")
+    image_shape = (teacher.in_channels, *teacher.input_size)
+    if tuple(test.image_shape) != image_shape:
+        raise KDBackdoorError(f"the teacher was built for {image_shape} images but the test set has {test.image_shape}")
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    seed_everything(config.seed)
+    student = build_model(student_arch, num_classes=teacher.num_classes, in_channels=image_shape[0],
+                          input_size=image_shape[1:]).to(device)
+    defense = defense or DistillDefense()
+    run = _Run(teacher, student, image_shape, config, device, defense)
+    history: list[dict] = []
+    start = 0
+    if resume and state_path.exists():
+        start, history = run.load(state_path)
+
+    started = time.perf_counter()
+    columns = [TextColumn(f"[bold]{config.method} {student_arch}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("distill", total=config.iterations, completed=start, status="")
+        for iteration in range(start, config.iterations):
+            loss_synthesis, loss_student = run.iteration(iteration)
+            done = iteration + 1
+            last = done == config.iterations
+            if last or (config.eval_every and done % config.eval_every == 0):
+                row = {"iteration": done, "synthesis_loss": loss_synthesis, "student_loss": loss_student,
+                       "test_acc": accuracy(student, test, device=device)["acc"],
+                       "seconds": time.perf_counter() - started}
+                history.append(row)
+                bar.update(task, status=f"student loss {loss_student:.3f} test {row['test_acc']:.1%}")
+            if last or done % config.checkpoint_every == 0:
+                run.save(state_path, done, history)
+            bar.advance(task)
+    student.eval()
+    record = {
+        "method": config.method, "student_arch": student_arch, "config": config.model_dump(),
+        "test": {"name": test.name, "size": len(test)}, "backdoor": backdoor_record(backdoor),
+        "defense": defense.record(), "metrics": student_metrics(student, test, backdoor, device),
+        "history": history, "throughput": run.throughput(),
+        "wall_seconds_this_session": time.perf_counter() - started, "device": str(device), **(metadata or {}),
+    }
+    if evaluate_teacher:
+        record["teacher_metrics"] = student_metrics(teacher, test, backdoor, device)
+    if isinstance(run.synthesizer, AdversarialGenerator):
+        save_generator(run.synthesizer.generator, out_dir / GENERATOR_FILE, metadata={"method": config.method})
+    if config.save_samples and len(run.synthesizer.latest()):
+        save_image_batch(run.synthesizer.latest()[:64], out_dir / SAMPLES_FILE)
+    save_checkpoint(student, out_dir / MODEL_FILE, classes=test.classes, metadata=record)
+    write_json(out_dir / RECORD_FILE, record)
+    return student, record
+
+
+class _Run:
+    """Student, optimiser, synthesiser, defense and random state of one run; one iteration of it."""
+
+    def __init__(self, teacher, student, image_shape, config: DataFreeConfig, device, defense: DistillDefense) -> None:
+        self.teacher, self.student, self.config, self.device, self.defense = teacher, student, config, device, defense
+        if config.student_optimizer == "adam":
+            self.optimizer = torch.optim.Adam(student.parameters(), lr=config.student_lr)
+        else:
+            self.optimizer = torch.optim.SGD(student.parameters(), lr=config.student_lr, momentum=0.9,
+                                             weight_decay=5e-4)
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.iterations)
+        self.rng = cpu_generator(config.seed)
+        context = SynthesisContext(teacher, student, image_shape, teacher.num_classes, config, device, defense,
+                                   self.logit_loss, self.rng)
+        self.synthesizer = SYNTHESIZERS[config.method](context)
+        self.stages = (teacher.stage_names, student.stage_names) if config.attention_beta > 0 else None
+        self.step = StudentStep(student, teacher, self.optimizer, self.student_loss)
+        self.crop_padding = max(1, image_shape[1] // 8)
+        self.seconds = {"synthesis": 0.0, "student": 0.0}
+        self.images = {"synthesis": 0, "student": 0}
+        defense.setup(teacher, student, device)
+
+    def logit_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """The method's per-sample distillation loss (N,)."""
+        s, t = student_logits.float(), teacher_logits.float()
+        if self.config.loss == "l1":
+            return (s - t).abs().mean(1)
+        temperature = self.config.temperature
+        return F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1), reduction="none",
+                        log_target=True).sum(1) * temperature ** 2
+
+    def student_loss(self, images: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Batch loss of the student on pixel ``images``: weighted mean of the per-sample losses,
+        plus β·attention transfer (unweighted)."""
+        with autocast(self.device):
+            if self.stages is None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(images)
+                student_logits = self.student(images)
+                attention = 0.0
+            else:
+                with torch.no_grad():
+                    teacher_logits, teacher_features = forward_with_features(self.teacher, images, self.stages[0])
+                student_logits, student_features = forward_with_features(self.student, images, self.stages[1])
+                attention = self.config.attention_beta * attention_transfer_loss(
+                    [student_features[n] for n in self.stages[1]], [teacher_features[n] for n in self.stages[0]])
+        per_sample = self.logit_loss(student_logits, teacher_logits)
+        if weights is None:
+            return per_sample.mean() + attention
+        return (per_sample * weights).sum() / weights.sum().clamp_min(1e-8) + attention
+
+    def iteration(self, index: int) -> tuple[float, float]:
+        """One synthesis round, then the student steps. Returns (synthesis loss, last student loss)."""
+        self.defense.on_iteration(index, self.config.iterations)
+        started = time.perf_counter()
+        loss_synthesis = self.synthesizer.synthesize()
+        self.seconds["synthesis"] += time.perf_counter() - started
+        self.images["synthesis"] += self.config.synthesis_batch_size * self.config.synthesis_steps
+        started = time.perf_counter()
+        self.student.train()
+        for _ in range(self.config.student_steps):
+            images = self.synthesizer.sample(self.config.batch_size)
+            if isinstance(self.synthesizer, PooledSynthesizer):  # stored images: vary them as real data is varied
+                images = augment(images, crop_padding=self.crop_padding, hflip=True, generator=self.rng)
+            weights = self.defense.sample_weights(images)
+            loss_student = self.defense.student_step(self.step, images, weights)
+            if loss_student is None:
+                loss_student = self.step.run(images, weights)
+        self.schedule.step()
+        self.seconds["student"] += time.perf_counter() - started
+        self.images["student"] += self.config.batch_size * self.config.student_steps
+        return loss_synthesis, loss_student
+
+    def throughput(self) -> dict:
+        """Images per second of synthesis steps and of student steps, this session."""
+        return {f"{part}_images_per_s": self.images[part] / self.seconds[part] if self.seconds[part] else None
+                for part in self.seconds}
+
+    def save(self, path: Path, iteration: int, history: list[dict]) -> None:
+        state = {"iteration": iteration, "history": history, "rng": self.rng.get_state(),
+                 "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "schedule": self.schedule.state_dict(), "synthesizer": self.synthesizer.state_dict(),
+                 "defense": self.defense.state_dict()}
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+
+    def load(self, path: Path) -> tuple[int, list[dict]]:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.synthesizer.load_state_dict(state["synthesizer"])
+        self.defense.load_state_dict(state["defense"])
+        self.rng.set_state(state["rng"])
+        return state["iteration"], state["history"]

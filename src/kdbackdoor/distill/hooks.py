@@ -1,0 +1,73 @@
+"""Where a defense plugs into data-free distillation.
+
+A defense subclasses ``DistillDefense`` and overrides any of the hooks; the base class does
+nothing, so plain distillation is the base class. Hooks see only the teacher, the student and
+the synthetic images, never test data or labels of real data.
+
+- ``synthesis_loss``: a term added to the synthesiser's loss on each synthesis step;
+- ``sample_weights``: per-sample weights (or 0 to drop) for the student's loss;
+- ``student_step``: replaces the student's update step entirely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+LossFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass
+class StudentStep:
+    """One student update: ``loss(images, weights)`` is the distillation loss (batch mean of
+    per-sample losses times ``weights`` when given); ``run`` applies one optimiser step."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss: LossFn
+
+    def run(self, images: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+        """The plain step: loss, backward, optimiser step. Returns the loss value."""
+        value = self.loss(images, weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        self.optimizer.step()
+        return float(value.detach())
+
+
+class DistillDefense:
+    """A defense's hooks into data-free distillation (the base class changes nothing)."""
+
+    name = "none"
+
+    def setup(self, teacher: torch.nn.Module, student: torch.nn.Module, device: torch.device) -> None:
+        """Called once before the first iteration, with the frozen teacher and the new student."""
+
+    def on_iteration(self, iteration: int, total: int) -> None:
+        """Called at the start of each outer iteration (0-based) of ``total``."""
+
+    def synthesis_loss(self, images: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor | None:
+        """An extra term for the synthesis loss on pixel ``images`` (None: no term)."""
+        return None
+
+    def sample_weights(self, images: torch.Tensor) -> torch.Tensor | None:
+        """Weights (N,) ≥ 0 for the student's per-sample losses on pixel ``images`` (None: all 1)."""
+        return None
+
+    def student_step(self, step: StudentStep, images: torch.Tensor, weights: torch.Tensor | None) -> float | None:
+        """Do the student's update on ``images`` and return its loss, or None for the plain step."""
+        return None
+
+    def record(self) -> dict:
+        """What the defense did, for the run record."""
+        return {"name": self.name}
+
+    def state_dict(self) -> dict:
+        """Resumable state (tensors and plain data only)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` gave."""
