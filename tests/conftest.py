@@ -64,3 +64,26 @@ def digits_teacher(digits, tmp_path_factory):
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def backdoored_digits_teacher(digits, tmp_path_factory):
+    """A small-cnn digits teacher with a badnets-grid backdoor (target 0, 10% poisons); eval mode.
+
+    Returns (model, trigger, record); the record holds its ACC and ASR.
+    """
+    from kdbackdoor.attacks.teacher_poisoning import PoisonConfig
+    from kdbackdoor.runtime import seed_everything
+    from kdbackdoor.teacher import train_teacher
+    from kdbackdoor.training import TrainConfig
+    from kdbackdoor.triggers import build_trigger
+    train, test = digits
+    trigger = build_trigger("badnets-grid", image_shape=train.image_shape)
+    seed_everything(0)
+    config = TrainConfig(epochs=8, batch_size=64, lr=0.05, crop_padding=0, hflip=False, eval_every=0)
+    model, record = train_teacher(train, test, "small-cnn", config, tmp_path_factory.mktemp("backdoored-teacher"),
+                                  device=torch.device("cpu"), progress=False, trigger=trigger,
+                                  poison=PoisonConfig(target=0, rate=0.1, seed=0))
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval(), trigger, record

@@ -1,0 +1,170 @@
+"""Figure: does a poisoned teacher's backdoor reach students distilled without its data, and does
+ABD stop it? (ABD's Table 1 layout.)
+
+For one backdoored teacher (from ``kdbackdoor train-teacher --backdoor ...``), distils a student
+with each data-free method (and OOD KD on another data set), with and without a defense, plus
+a clean-data KD baseline on the teacher's own training data, all with the same student and
+budget. Reports teacher ACC/ASR and each student's ACC/ASR (ASR with the teacher's recorded
+trigger and target), and each method's throughput next to a bare teacher-forward +
+student-forward/backward loop timed in the same process, so overheads are ratios.
+
+Finished runs in --out are reused, so an interrupted run continues where it stopped.
+
+Usage (digits, minutes):
+  python benchmarks/backdoor_transfer.py --teacher runs/digits-badnets --scale digits
+CPU recipe on CIFAR-10 (hours on 2 cores; see docs/data-free-kd.md):
+  python benchmarks/backdoor_transfer.py --teacher runs/bench-cifar10-badnets-grid --scale cpu \\
+      --ood-data npz:../shared/data/gtsrb32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import write_results
+from kdbackdoor.data.sources import load_dataset
+from kdbackdoor.defenses.abd import build_data_free_defense
+from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
+from kdbackdoor.distill.data_free import DataFreeConfig, distill_data_free
+from kdbackdoor.distill.dataset_kd import Backdoor, distill
+from kdbackdoor.distill.losses import KDConfig
+from kdbackdoor.models import build_model, load_checkpoint
+from kdbackdoor.runtime import select_device
+from kdbackdoor.training import TrainConfig
+from kdbackdoor.triggers import build_trigger
+
+# Per scale: the student, each data-free method's settings, and the dataset-KD budget (epochs).
+SCALES = {
+    "digits": {
+        "student": "small-cnn", "test_every": 1, "epochs": 10, "sr_start": 0.8,
+        "methods": {
+            "zskt": dict(iterations=300, batch_size=64),
+            "dfad": dict(iterations=300, batch_size=64),
+            "deepinversion": dict(iterations=20, synthesis_steps=50, synthesis_batch_size=64, student_steps=30,
+                                  batch_size=64),
+            "cmi": dict(iterations=20, synthesis_steps=30, synthesis_batch_size=64, student_steps=30,
+                        batch_size=64),
+        },
+    },
+    "cpu": {
+        "student": "wrn-16-1", "test_every": 5, "epochs": 5, "sr_start": 0.9,
+        "methods": {
+            "zskt": dict(iterations=1500, batch_size=128),
+            "cmi": dict(iterations=20, synthesis_steps=50, synthesis_batch_size=128, student_steps=100,
+                        batch_size=128),
+        },
+    },
+}
+
+
+def teacher_backdoor(sidecar: dict) -> Backdoor:
+    recorded = (sidecar.get("metadata") or {}).get("backdoor")
+    if not recorded:
+        raise SystemExit("the teacher's checkpoint records no backdoor: train it with train-teacher --backdoor")
+    return Backdoor(build_trigger(recorded["trigger"]), recorded["target"])
+
+
+def run(folder: Path, make) -> dict:
+    """Reuse a finished run's record, else make it."""
+    record_path = folder / "metrics.json"
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    return make()
+
+
+def bare_loop_images_per_s(teacher, student_arch: str, image_shape, batch_size: int, device, steps: int = 20) -> float:
+    """Teacher forward + student forward/backward + SGD step on one pre-made batch: the floor."""
+    student = build_model(student_arch, num_classes=teacher.num_classes, in_channels=image_shape[0],
+                          input_size=image_shape[1:]).to(device)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
+    x = torch.rand(batch_size, *image_shape, device=device)
+    for i in range(steps + 3):
+        if i == 3:
+            started = time.perf_counter()
+        with torch.no_grad():
+            target = teacher(x).softmax(1)
+        loss = -(target * student(x).log_softmax(1)).sum(1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True, help="backdoored teacher folder (train-teacher --backdoor)")
+    parser.add_argument("--scale", choices=list(SCALES), default="digits")
+    parser.add_argument("--methods", nargs="+", default=None, help="data-free methods (default: the scale's)")
+    parser.add_argument("--defenses", nargs="+", default=["none", "abd"])
+    parser.add_argument("--ood-data", default=None, help="transfer set for OOD KD (e.g. npz:.../gtsrb32)")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    scale = SCALES[args.scale]
+    device = select_device("auto")
+    teacher, sidecar = load_checkpoint(args.teacher, device=device)
+    meta = sidecar.get("metadata") or {}
+    dataset = meta["dataset"]
+    spec, data_dir, resize = dataset["spec"], dataset.get("data_dir"), dataset.get("resize")
+    train = load_dataset(spec, "train", data_dir=data_dir, resize=resize)
+    test = load_dataset(spec, "test", data_dir=data_dir, resize=resize)
+    test = test.subset(torch.arange(0, len(test), scale["test_every"]), name=f"{test.name}[::{scale['test_every']}]")
+    backdoor = teacher_backdoor(sidecar)
+    out = args.out or Path("runs") / f"bench-transfer-{Path(args.teacher).name}"
+    student_arch = scale["student"]
+    rows: dict[str, dict] = {}
+
+    for method in args.methods or list(scale["methods"]):
+        for defense_name in args.defenses:
+            name = f"{method}-{defense_name}"
+            config = DataFreeConfig(method=method, seed=args.seed, **scale["methods"][method])
+
+            def make(config=config, defense_name=defense_name, folder=out / name):
+                defense = build_data_free_defense(defense_name, retrospection=SelfRetrospectionConfig(
+                    start=scale["sr_start"], seed=args.seed))
+                return distill_data_free(teacher, test, student_arch, config, folder, device=device,
+                                         backdoor=backdoor, defense=defense, resume=True, progress=False)[1]
+            rows[name] = run(out / name, make)
+            print(name, rows[name]["metrics"].get("acc"), rows[name]["metrics"].get("asr"), flush=True)
+
+    train_config = TrainConfig(epochs=scale["epochs"], batch_size=128, lr=0.05, crop_padding=0, hflip=False,
+                               eval_every=0, seed=args.seed)
+    kl_only = KDConfig(kd_lambda=1.0, temperature=4.0)
+    rows["clean-data-kd"] = run(out / "clean-data-kd", lambda: distill(
+        teacher, train, test, student_arch, train_config, kl_only, out / "clean-data-kd", device=device,
+        backdoor=backdoor, resume=True, progress=False)[1])
+    if args.ood_data:
+        ood = load_dataset(args.ood_data, "train", resize=test.image_shape[-1])
+        rows["ood-none"] = run(out / "ood-none", lambda: distill(
+            teacher, ood, test, student_arch, train_config, kl_only, out / "ood-none", device=device,
+            backdoor=backdoor, resume=True, progress=False)[1])
+
+    bare = bare_loop_images_per_s(teacher, student_arch, test.image_shape, 64, device)
+    teacher_metrics = rows["clean-data-kd"]["teacher_metrics"]
+    lines = [f"Backdoor transfer, scale `{args.scale}`, teacher `{args.teacher}` "
+             f"({backdoor.trigger.name}, target {backdoor.target}), student `{student_arch}`, test set "
+             f"{test.name} ({len(test)} images). Bare teacher+student loop: {bare:.0f} images/s.", "",
+             f"Teacher: ACC {teacher_metrics['acc']:.1%}, ASR {teacher_metrics['asr']:.1%}.", "",
+             "| run | student ACC | student ASR | SV enabled | student img/s (× bare) | synthesis img/s | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, record in rows.items():
+        throughput = record.get("throughput") or {}
+        student_speed = throughput.get("student_images_per_s")
+        parts = {p["name"]: p for p in (record.get("defense") or {}).get("parts", [])}
+        enabled = parts.get("sv", {}).get("enabled", "")
+        lines.append(
+            f"| {name} | {record['metrics']['acc']:.1%} | {record['metrics']['asr']:.1%} | {enabled} | "
+            + (f"{student_speed:.0f} ({student_speed / bare:.2f}×)" if student_speed else "") + " | "
+            + (f"{throughput['synthesis_images_per_s']:.0f}" if throughput.get("synthesis_images_per_s") else "")
+            + f" | {record.get('wall_seconds_this_session', 0):.0f} |")
+    write_results(f"backdoor_transfer_{args.scale}", {"teacher": args.teacher, "bare_images_per_s": bare,
+                                                      "runs": rows}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Self-Retrospection (ABD, Hong et al., ICML 2023): the student unlearns the shortcut it may
+have inherited.
+
+At each student step, on the synthetic batch x (pixel [0, 1]):
+
+1. search a *universal* perturbation δ (one (1, C, H, W) tensor for the whole batch) that most
+   changes a model's output: ``rounds`` Adam steps (step ``perturbation_lr``) maximising
+   KL(model(x) ‖ model(x + δ)), with the student (default) or the teacher as the model;
+2. unlearn it: the student minimises L_out = KL(student(x) ‖ student(x̃)), where x̃ carries δ
+   on a random ``portion`` of the batch, with δ treated as the student's own best
+   perturbation δ*(θ) = argmin_δ −KL(student(x) ‖ student(x + δ)) + l2·‖δ‖². The gradient
+   through δ*(θ) is the implicit hyper-gradient (``kdbackdoor.defenses.hypergradient``);
+3. add the usual distillation gradient on x and take the optimiser step.
+
+The perturbed passes run with the student's BatchNorm running statistics preserved. With
+``start`` > 0 the defense stays idle for that share of the iterations, so it can be used as a
+short final fine-tuning phase as in ABD.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from kdbackdoor.defenses.hypergradient import implicit_hypergradient
+from kdbackdoor.distill.hooks import DistillDefense, StudentStep
+from kdbackdoor.models.batchnorm import preserved_batchnorm_statistics
+from kdbackdoor.runtime import cpu_generator
+
+
+class SelfRetrospectionConfig(BaseModel):
+    """Settings of Self-Retrospection (ABD's defaults where it has them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rounds: int = Field(10, ge=1, description="Adam steps of the perturbation search per student step")
+    perturbation_lr: float = Field(0.1, gt=0, description="Adam step of the perturbation (pixel units)")
+    perturb_model: Literal["student", "teacher"] = Field("student", description="model whose output the "
+                                                         "perturbation changes")
+    portion: float = Field(0.02, gt=0, le=1, description="share of the batch that carries the perturbation "
+                           "when unlearning (at least one image)")
+    inner_lr: float = Field(0.1, gt=0, description="step of the inner problem in the hyper-gradient")
+    fixed_point_iterations: int = Field(5, ge=1)
+    l2: float = Field(1e-3, ge=0, description="penalty on ‖δ‖² in the inner problem")
+    start: float = Field(0.0, ge=0, lt=1, description="share of the iterations before the defense starts")
+    seed: int = 0
+
+
+def output_change(changed_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ changed) per sample, batch mean: how much a perturbation moved the output."""
+    return F.kl_div(F.log_softmax(changed_logits.float(), 1), F.log_softmax(reference_logits.float(), 1),
+                    reduction="batchmean", log_target=True)
+
+
+class SelfRetrospection(DistillDefense):
+    """The student-side half of ABD, as a replacement student step."""
+
+    name = "sr"
+
+    def __init__(self, config: SelfRetrospectionConfig | None = None) -> None:
+        self.config = config or SelfRetrospectionConfig()
+        self.rng = cpu_generator(self.config.seed)
+        self.active = self.config.start == 0
+        self.steps = 0
+        self.last_change = 0.0
+
+    def setup(self, teacher, student, device) -> None:
+        self.teacher = teacher
+
+    def on_iteration(self, iteration: int, total: int) -> None:
+        self.active = iteration >= math.floor(self.config.start * total)
+
+    def student_step(self, step: StudentStep, images: torch.Tensor, weights: torch.Tensor | None) -> float | None:
+        if not self.active:
+            return None
+        student = step.student
+        with preserved_batchnorm_statistics(student):
+            delta = self.search_perturbation(student if self.config.perturb_model == "student" else self.teacher,
+                                             images)
+            params = [p for p in student.parameters() if p.requires_grad]
+            grads = implicit_hypergradient(params, delta, lambda d: self._inner_loss(student, images, d),
+                                           lambda d: self._outer_loss(student, images, d),
+                                           inner_lr=self.config.inner_lr, iterations=self.config.fixed_point_iterations)
+        step.optimizer.zero_grad(set_to_none=True)
+        loss = step.loss(images, weights)
+        loss.backward()
+        for p, g in zip(params, grads):
+            p.grad = g if p.grad is None else p.grad + g
+        step.optimizer.step()
+        self.steps += 1
+        return float(loss.detach())
+
+    def search_perturbation(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The universal perturbation (1, C, H, W), pixel units, that most changes ``model`` on ``images``."""
+        delta = torch.zeros_like(images[:1], requires_grad=True)
+        optimizer = torch.optim.Adam([delta], lr=self.config.perturbation_lr)
+        with torch.no_grad():
+            reference = model(images)
+        for _ in range(self.config.rounds):
+            loss = -output_change(model(images + delta), reference)
+            delta.grad = torch.autograd.grad(loss, delta)[0]  # the model's own gradients stay untouched
+            optimizer.step()
+        self.last_change = float(-loss.detach())
+        return delta.detach()
+
+    def _inner_loss(self, student, images, delta) -> torch.Tensor:
+        with torch.no_grad():
+            reference = student(images)
+        return -output_change(student(images + delta), reference) + self.config.l2 * delta.pow(2).sum()
+
+    def _outer_loss(self, student, images, delta) -> torch.Tensor:
+        count = max(1, round(self.config.portion * len(images)))
+        rows = torch.randperm(len(images), generator=self.rng)[:count].to(images.device)
+        mask = torch.zeros(len(images), 1, 1, 1, device=images.device)
+        mask[rows] = 1
+        return output_change(student(images + mask * delta), student(images))
+
+    def record(self) -> dict:
+        return {"name": self.name, "config": self.config.model_dump(), "steps": self.steps,
+                "last_perturbation_change": self.last_change}
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.get_state(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.set_state(state["rng"])
+        self.steps = state["steps"]

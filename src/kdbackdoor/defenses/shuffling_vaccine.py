@@ -1,0 +1,180 @@
+"""Shuffling Vaccine (ABD, Hong et al., ICML 2023): keep synthesis away from the backdoor.
+
+A *suspect* model is the teacher with the input channels of its last convolutions randomly
+permuted: its clean features are scrambled, while a backdoor's shortcut tends to survive. A
+few such copies are averaged (logits) for a stable prediction. On a synthetic batch, the
+samples the suspect puts in the teacher's class are backdoor-like, and the synthesis loss
+pushes them away: −coefficient · mean over those samples of KL(teacher ‖ suspect)
+(per-class mean, as ABD).
+
+Before using it, a tail test checks that the suspect separates anything: over the first
+``test_batches`` synthetic batches, the share of samples whose log10 KL(teacher ‖ suspect)
+lies below mean − 3·std must exceed ``tail_threshold``; otherwise the copies are re-shuffled
+(up to ``reshuffles`` times) and, if no shuffle passes, the vaccine is disabled and the run
+record says so. Decisions use synthetic images only.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from kdbackdoor.data.dataset import to_uint8
+from kdbackdoor.distill.hooks import DistillDefense
+from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.models.classifier import conv_layers
+from kdbackdoor.runtime import cpu_generator
+
+IGNORED_BATCHES = 10  # the first synthetic batches (an untrained synthesiser's) say little
+
+
+class ShufflingVaccineConfig(BaseModel):
+    """Settings of the Shuffling Vaccine (ABD's defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    coefficient: float = Field(0.1, gt=0, description="weight of the vaccine's synthesis term")
+    copies: int = Field(3, ge=1, description="shuffled copies averaged into the suspect")
+    layers: int | None = Field(None, ge=1, description="last convolutions to shuffle (default: those of the "
+                               "teacher's last stage)")
+    tail_test: bool = Field(True, description="decide with the tail-ratio test whether to use the vaccine")
+    test_batches: int = Field(50, ge=IGNORED_BATCHES + 1, description="synthetic batches seen before deciding "
+                              f"(the first {IGNORED_BATCHES} are ignored)")
+    tail_threshold: float = Field(0.02, ge=0, lt=1)
+    reshuffles: int = Field(8, ge=1, description="shuffles tried before giving up")
+    seed: int = 0
+
+
+def shuffled_copy(model: nn.Module, layer_names: list[str], generator: torch.Generator) -> nn.Module:
+    """A copy of ``model`` with the input channels of the named convolutions randomly permuted."""
+    suspect = copy.deepcopy(model)
+    _shuffle(suspect, layer_names, generator)
+    return suspect
+
+
+def _shuffle(model: nn.Module, layer_names: list[str], generator: torch.Generator) -> None:
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name in layer_names:
+            weight = modules[name].weight
+            order = torch.randperm(weight.shape[1], generator=generator).to(weight.device)
+            weight.copy_(weight[:, order])
+
+
+def tail_ratio(divergences: torch.Tensor) -> float:
+    """Share of samples whose log10 divergence lies below mean − 3·std of all of them."""
+    logs = divergences.double().clamp_min(1e-30).log10()
+    return float((logs < logs.mean() - 3 * logs.std(unbiased=False)).double().mean())
+
+
+class SuspectEnsemble(nn.Module):
+    """The mean logits of ``copies`` shuffled copies of a teacher."""
+
+    def __init__(self, teacher: nn.Module, copies: int, layers: int | None, generator: torch.Generator) -> None:
+        super().__init__()
+        self.layer_names = _layers_to_shuffle(teacher, layers)
+        self.generator = generator
+        self.copies = nn.ModuleList(shuffled_copy(teacher, self.layer_names, generator) for _ in range(copies))
+
+    def reshuffle(self, teacher: nn.Module) -> None:
+        """Draw new permutations (from the teacher's weights, not on top of the old ones)."""
+        for suspect in self.copies:
+            suspect.load_state_dict(teacher.state_dict())
+            _shuffle(suspect, self.layer_names, self.generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([suspect(x) for suspect in self.copies]).mean(0)
+
+
+def _layers_to_shuffle(teacher: nn.Module, layers: int | None) -> list[str]:
+    convs = [name for name, _ in conv_layers(teacher)]
+    if layers is None:
+        last_stage = teacher.stage_names[-1] + "."
+        chosen = [name for name in convs if name.startswith(last_stage)]
+    else:
+        if layers > len(convs):
+            raise KDBackdoorError(f"the teacher has {len(convs)} convolutions; cannot shuffle the last {layers}")
+        chosen = convs[-layers:]
+    if not chosen:
+        raise KDBackdoorError("the teacher's last stage has no convolution to shuffle; set the number of layers")
+    return chosen
+
+
+def divergence(suspect_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ suspect) per sample, averaged over classes as ABD does (N,)."""
+    return F.kl_div(F.log_softmax(suspect_logits.float(), 1), F.log_softmax(teacher_logits.float(), 1),
+                    reduction="none", log_target=True).mean(1)
+
+
+class ShufflingVaccine(DistillDefense):
+    """The synthesis-side half of ABD, as a synthesis-loss hook."""
+
+    name = "sv"
+
+    def __init__(self, config: ShufflingVaccineConfig | None = None) -> None:
+        self.config = config or ShufflingVaccineConfig()
+        self.batches = 0
+        self.enabled: bool | None = None if self.config.tail_test else True  # None: still testing
+        self.trials: list[float] = []
+        self.penalised = 0
+        self.seen = 0
+        self._test_images: list[torch.Tensor] = []
+
+    def setup(self, teacher, student, device) -> None:
+        self.teacher = teacher
+        self.suspect = SuspectEnsemble(teacher, self.config.copies, self.config.layers,
+                                       cpu_generator(self.config.seed)).to(device).eval().requires_grad_(False)
+
+    def synthesis_loss(self, images: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor | None:
+        self.batches += 1
+        if self.enabled is None:
+            if self.batches > IGNORED_BATCHES:
+                self._test_images.append(images.detach())
+            if self.batches >= self.config.test_batches:
+                self._decide()
+            return None
+        if not self.enabled:
+            return None
+        suspect_logits = self.suspect(images)
+        agree = (suspect_logits.argmax(1) == teacher_logits.argmax(1)).float()
+        self.penalised += int(agree.sum())
+        self.seen += len(images)
+        if agree.sum() == 0:
+            return None
+        return -self.config.coefficient * (divergence(suspect_logits, teacher_logits) * agree).sum() / agree.sum()
+
+    @torch.no_grad()
+    def _decide(self) -> None:
+        images = torch.cat(self._test_images)
+        teacher_logits = self.teacher(images)
+        for trial in range(self.config.reshuffles):
+            if trial:
+                self.suspect.reshuffle(self.teacher)
+            self.trials.append(tail_ratio(divergence(self.suspect(images), teacher_logits)))
+            if self.trials[-1] > self.config.tail_threshold:
+                self.enabled = True
+                break
+        else:
+            self.enabled = False
+        self._test_images = []
+
+    def record(self) -> dict:
+        return {"name": self.name, "config": self.config.model_dump(), "enabled": self.enabled,
+                "tail_ratios": self.trials, "shuffled_layers": self.suspect.layer_names,
+                "penalised_share": self.penalised / self.seen if self.seen else None}
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "enabled": self.enabled, "trials": self.trials, "penalised": self.penalised,
+                "seen": self.seen, "suspect": self.suspect.state_dict(),
+                "test_images": [to_uint8(x).cpu() for x in self._test_images]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches, self.enabled, self.trials = state["batches"], state["enabled"], state["trials"]
+        self.penalised, self.seen = state["penalised"], state["seen"]
+        self.suspect.load_state_dict(state["suspect"])
+        device = next(self.suspect.parameters()).device
+        self._test_images = [x.to(device).float() / 255 for x in state["test_images"]]
