@@ -162,3 +162,43 @@ def test_abd_combines_both_halves_and_runs_in_data_free_distillation(backdoored_
     assert build_data_free_defense("none") is None
     with pytest.raises(KDBackdoorError, match="abd, sv, sr"):
         build_data_free_defense("strip")
+
+
+def test_vaccine_drops_triggered_transfer_images(backdoored_digits_teacher, digits):
+    """OOD use: the tail test runs on the transfer set and backdoor-like images are dropped."""
+    from kdbackdoor.data.dataset import ImageDataset, to_uint8
+    from kdbackdoor.defenses.shuffling_vaccine import vaccinate_transfer_set
+    teacher, trigger, _ = backdoored_digits_teacher
+    train, _ = digits
+    clean = train.pixels(torch.arange(400))
+    images = torch.cat([clean, trigger.apply(clean[:40])])
+    transfer = ImageDataset(to_uint8(images), torch.zeros(440, dtype=torch.long), classes=["?"], name="transfer")
+    kept, record = vaccinate_transfer_set(teacher, transfer, ShufflingVaccineConfig(seed=0), device=CPU)
+    assert record["enabled"] is True and record["dropped"] == 440 - len(kept)
+    kept_rows = {bytes(x.numpy()) for x in kept.images}
+    triggered_dropped = sum(bytes(x.numpy()) not in kept_rows for x in transfer.images[400:])
+    clean_dropped = sum(bytes(x.numpy()) not in kept_rows for x in transfer.images[:400])
+    assert triggered_dropped / 40 > 0.5 and triggered_dropped / 40 > 3 * clean_dropped / 400
+
+
+def test_cli_defenses_for_data_free_distillation(monkeypatch, capsys, tmp_path):
+    import json
+
+    from test_cli import run
+    code, _, err = run(monkeypatch, capsys, "train-teacher", "--out", tmp_path / "t", "--epochs", "2",
+                       "--no-progress", "--eval-every", "0")
+    assert code == 0, err
+    base = ["distill", "--teacher", tmp_path / "t", "--iterations", "2", "--batch-size", "8", "--student-steps", "1",
+            "--no-progress"]
+    code, _, err = run(monkeypatch, capsys, *base, "--method", "dfad", "--defense", "abd", "--sr-rounds", "2",
+                       "--no-sv-tail-test", "--out", tmp_path / "abd")
+    assert code == 0, err
+    record = json.loads((tmp_path / "abd" / "metrics.json").read_text())
+    assert [part["name"] for part in record["defense"]["parts"]] == ["sv", "sr"]
+    assert record["defense"]["parts"][1]["config"]["rounds"] == 2
+    code, _, err = run(monkeypatch, capsys, *base, "--method", "dataset", "--defense", "sr", "--out", tmp_path / "x")
+    assert code == 2 and "--defense sr works with --method" in err
+    code, _, err = run(monkeypatch, capsys, *base, "--method", "zskt", "--defense", "sv", "--sv-copies", "0",
+                       "--out", tmp_path / "y")
+    assert code == 2 and "--sv-copies" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -12,6 +12,9 @@ Before using it, a tail test checks that the suspect separates anything: over th
 lies below mean − 3·std must exceed ``tail_threshold``; otherwise the copies are re-shuffled
 (up to ``reshuffles`` times) and, if no shuffle passes, the vaccine is disabled and the run
 record says so. Decisions use synthetic images only.
+
+For OOD distillation (real transfer images of another data set) ``vaccinate_transfer_set``
+runs the same test on the transfer set and drops the images the suspect agrees on.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from kdbackdoor.data.dataset import to_uint8
+from kdbackdoor.data.dataset import ImageDataset, to_uint8
 from kdbackdoor.distill.hooks import DistillDefense
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models.classifier import conv_layers
 from kdbackdoor.runtime import cpu_generator
 
 IGNORED_BATCHES = 10  # the first synthetic batches (an untrained synthesiser's) say little
+TAIL_TEST_IMAGES = 10000  # transfer images the OOD tail test looks at
 
 
 class ShufflingVaccineConfig(BaseModel):
@@ -110,6 +114,48 @@ def divergence(suspect_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
                     reduction="none", log_target=True).mean(1)
 
 
+@torch.no_grad()
+def passes_tail_test(suspect: SuspectEnsemble, teacher: nn.Module, images: torch.Tensor,
+                     config: ShufflingVaccineConfig, trials: list[float]) -> bool:
+    """Re-shuffle ``suspect`` until its tail ratio on ``images`` exceeds the threshold (True) or the
+    tries run out (False); each try's ratio is appended to ``trials``."""
+    teacher_logits = teacher(images)
+    for trial in range(config.reshuffles):
+        if trial:
+            suspect.reshuffle(teacher)
+        trials.append(tail_ratio(divergence(suspect(images), teacher_logits)))
+        if trials[-1] > config.tail_threshold:
+            return True
+    return False
+
+
+@torch.no_grad()
+def vaccinate_transfer_set(teacher: nn.Module, data: ImageDataset, config: ShufflingVaccineConfig | None = None,
+                           *, device: torch.device, batch_size: int = 512) -> tuple[ImageDataset, dict]:
+    """The Shuffling Vaccine for OOD distillation: drop the transfer images on which the suspect
+    agrees with the teacher (backdoor-like), if the tail test on the transfer set passes.
+
+    Returns (the kept images, a record of what was done). Labels and provenance are not read.
+    """
+    config = config or ShufflingVaccineConfig()
+    teacher = teacher.to(device).eval()
+    suspect = SuspectEnsemble(teacher, config.copies, config.layers, cpu_generator(config.seed)).to(device).eval()
+    trials: list[float] = []
+    if config.tail_test:
+        sample = torch.randperm(len(data), generator=cpu_generator(config.seed))[:TAIL_TEST_IMAGES]
+        enabled = passes_tail_test(suspect, teacher, data.pixels(sample).to(device), config, trials)
+    else:
+        enabled = True
+    record = {"name": "sv", "config": config.model_dump(), "enabled": enabled, "tail_ratios": trials,
+              "shuffled_layers": suspect.layer_names, "transfer_images": len(data), "dropped": 0}
+    if not enabled:
+        return data, record
+    agree = torch.cat([suspect(x).argmax(1) == teacher(x).argmax(1)
+                       for x, _, _ in data.batches(batch_size, device=device)]).cpu()
+    record["dropped"] = int(agree.sum())
+    return data.subset(~agree, name=f"{data.name}-vaccinated"), record
+
+
 class ShufflingVaccine(DistillDefense):
     """The synthesis-side half of ABD, as a synthesis-loss hook."""
 
@@ -149,17 +195,8 @@ class ShufflingVaccine(DistillDefense):
 
     @torch.no_grad()
     def _decide(self) -> None:
-        images = torch.cat(self._test_images)
-        teacher_logits = self.teacher(images)
-        for trial in range(self.config.reshuffles):
-            if trial:
-                self.suspect.reshuffle(self.teacher)
-            self.trials.append(tail_ratio(divergence(self.suspect(images), teacher_logits)))
-            if self.trials[-1] > self.config.tail_threshold:
-                self.enabled = True
-                break
-        else:
-            self.enabled = False
+        self.enabled = passes_tail_test(self.suspect, self.teacher, torch.cat(self._test_images), self.config,
+                                        self.trials)
         self._test_images = []
 
     def record(self) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kdbackdoor.distill.synthesis.base import SynthesisContext, Synthesizer
+from kdbackdoor.distill.synthesis.base import SynthesisContext, Synthesizer, descend
 from kdbackdoor.models.generator import ImageGenerator
 from kdbackdoor.runtime import autocast
 
@@ -33,9 +33,7 @@ class AdversarialGenerator(Synthesizer):
             with autocast(ctx.device):
                 teacher_logits = ctx.teacher(x)
                 loss = -ctx.logit_loss(ctx.student(x), teacher_logits).mean() + ctx.defense_term(x, teacher_logits)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            descend(self.optimizer, loss)
         self.schedule.step()
         self._latest = x.detach()
         return float(loss.detach())

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 
 from kdbackdoor.distill.hooks import DistillDefense
 from kdbackdoor.distill.synthesis.pool import SyntheticPool
+from kdbackdoor.distill.synthesis.priors import disagreement_where_agreeing
 
 if TYPE_CHECKING:
     from kdbackdoor.distill.data_free import DataFreeConfig
@@ -37,6 +39,25 @@ class SynthesisContext:
         """The defense's synthesis term for these images, or 0."""
         term = self.defense.synthesis_loss(images, teacher_logits)
         return 0.0 if term is None else term
+
+    def inversion_terms(self, images: torch.Tensor, teacher_logits: torch.Tensor, bn_terms: list[torch.Tensor],
+                        targets: torch.Tensor) -> torch.Tensor:
+        """The terms model inversion methods share: bn·BatchNorm statistics + onehot·CE to the
+        targets + adv·(−KL where teacher and student agree) + the defense's term."""
+        config = self.config
+        loss = (config.bn_weight * torch.stack(bn_terms).sum()
+                + config.onehot_weight * F.cross_entropy(teacher_logits.float(), targets)
+                + self.defense_term(images, teacher_logits))
+        if config.adv_weight > 0:
+            loss = loss + config.adv_weight * disagreement_where_agreeing(self.student(images), teacher_logits)
+        return loss
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One optimiser step on ``loss``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 
 class Synthesizer(ABC):

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdbackdoor.distill.synthesis.base import PooledSynthesizer, SynthesisContext
-from kdbackdoor.distill.synthesis.priors import balanced_targets, batchnorm_statistics, disagreement_where_agreeing
+from kdbackdoor.distill.synthesis.base import PooledSynthesizer, SynthesisContext, descend
+from kdbackdoor.distill.synthesis.priors import balanced_targets, batchnorm_statistics
 from kdbackdoor.distill.synthesis.views import local_crop
 from kdbackdoor.models.features import forward_with_features
 from kdbackdoor.models.generator import ImageGenerator
@@ -35,7 +35,6 @@ class ContrastiveInversion(PooledSynthesizer):
 
     def __init__(self, context: SynthesisContext) -> None:
         super().__init__(context)
-        config = context.config
         feature_dim = context.teacher.backbone.fc.in_features
         self.head = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU(),
                                   nn.Linear(feature_dim, HEAD_DIM)).to(context.device)
@@ -45,7 +44,9 @@ class ContrastiveInversion(PooledSynthesizer):
         ctx, config = self.context, self.context.config
         n = config.synthesis_batch_size
         targets = balanced_targets(n, ctx.num_classes, ctx.rng).to(ctx.device)
-        generator = ImageGenerator(config.latent_dim, ctx.image_shape, config.generator_width).to(ctx.device)
+        with torch.random.fork_rng(devices=[]):  # the fresh weights come from the run's own seeded stream
+            torch.manual_seed(int(torch.randint(2 ** 62, (), generator=ctx.rng)))
+            generator = ImageGenerator(config.latent_dim, ctx.image_shape, config.generator_width).to(ctx.device)
         latents = self._latents(n).requires_grad_(True)
         optimizer = torch.optim.Adam([*generator.parameters(), latents, *self.head.parameters()],
                                      lr=config.synthesis_lr, betas=(0.5, 0.999))
@@ -57,15 +58,9 @@ class ContrastiveInversion(PooledSynthesizer):
                 with batchnorm_statistics(ctx.teacher) as bn_terms:  # statistics of whole images only
                     teacher_logits, features = forward_with_features(ctx.teacher, images, [feature])
                 _, crop_features = forward_with_features(ctx.teacher, local_crop(images, ctx.rng), [feature])
-            loss = (config.bn_weight * torch.stack(bn_terms).sum()
-                    + config.onehot_weight * F.cross_entropy(teacher_logits.float(), targets)
-                    + config.contrastive_weight * self._info_nce(features[feature].float(), crop_features[feature].float())
-                    + ctx.defense_term(images, teacher_logits))
-            if config.adv_weight > 0:
-                loss = loss + config.adv_weight * disagreement_where_agreeing(ctx.student(images), teacher_logits)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = (ctx.inversion_terms(images, teacher_logits, bn_terms, targets) + config.contrastive_weight
+                    * self._info_nce(features[feature].float(), crop_features[feature].float()))
+            descend(optimizer, loss)
         with torch.no_grad():
             images = generator(latents)
             _, features = forward_with_features(ctx.teacher, images, [feature])

@@ -14,11 +14,9 @@ with x̃ a jittered, flipped view and y balanced random targets, and adds the re
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from kdbackdoor.distill.synthesis.base import PooledSynthesizer
-from kdbackdoor.distill.synthesis.priors import (balanced_targets, batchnorm_statistics, centred_l2,
-                                                 disagreement_where_agreeing, total_variation)
+from kdbackdoor.distill.synthesis.base import PooledSynthesizer, descend
+from kdbackdoor.distill.synthesis.priors import balanced_targets, batchnorm_statistics, centred_l2, total_variation
 from kdbackdoor.distill.synthesis.views import jitter_flip
 from kdbackdoor.runtime import autocast
 
@@ -38,15 +36,9 @@ class DeepInversion(PooledSynthesizer):
             view = jitter_flip(images, ctx.rng)
             with autocast(ctx.device), batchnorm_statistics(ctx.teacher) as bn_terms:
                 teacher_logits = ctx.teacher(view)
-                loss = (config.bn_weight * torch.stack(bn_terms).sum()
-                        + config.onehot_weight * F.cross_entropy(teacher_logits.float(), targets)
-                        + config.tv_weight * total_variation(images) + config.l2_weight * centred_l2(images)
-                        + ctx.defense_term(view, teacher_logits))
-                if config.adv_weight > 0:
-                    loss = loss + config.adv_weight * disagreement_where_agreeing(ctx.student(view), teacher_logits)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+                loss = (ctx.inversion_terms(view, teacher_logits, bn_terms, targets)
+                        + config.tv_weight * total_variation(images) + config.l2_weight * centred_l2(images))
+            descend(optimizer, loss)
             with torch.no_grad():
                 images.clamp_(0, 1)
         self._keep(images)
