@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["throughput.py", "cifar10_teacher.py", "distill_attack.py", "backdoored_teachers.py"]
+SCRIPTS = ["throughput.py", "performance.py", "cifar10_teacher.py", "distill_attack.py", "backdoored_teachers.py"]
 
 if __name__ == "__main__":
     for script in SCRIPTS:

@@ -17,24 +17,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import SHARED, write_results
+from common import training_images, write_results
 from kdbackdoor.data.augment import augment
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.models import build_model
 from kdbackdoor.training import TrainConfig, cross_entropy_loss, fit
 
 BATCH = 128
-
-
-def training_images(count: int) -> ImageDataset:
-    """The first ``count`` CIFAR-10 training images when the shared data is there, else random uint8."""
-    folder = SHARED / "data" / "cifar10-jpeg"
-    if folder.is_dir():
-        from kdbackdoor.data.sources import load_dataset
-        data = load_dataset(f"imagefolder:{folder}", "train", progress=False)
-        return data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:count])
-    images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8)
-    return ImageDataset(images, torch.arange(count) % 10, [str(i) for i in range(10)], "random")
 
 
 def bare_images_per_s(model: torch.nn.Module, steps: int) -> float:

@@ -5,11 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from kdbackdoor.errors import KDBackdoorError
+
+Seed = Annotated[int, Field(ge=0, lt=2**63, description="random seed, 0 <= seed < 2^63 (what torch generators take)")]
+"""The type of every ``seed`` field in a config."""
+
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 def select_device(name: str | None = "auto") -> torch.device:
@@ -20,6 +27,8 @@ def select_device(name: str | None = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise KDBackdoorError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from exc
+    if device.type not in DEVICE_TYPES:
+        raise KDBackdoorError(f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KDBackdoorError(f"device {name!r} requested but CUDA is not available on this machine")
     return device
@@ -30,6 +39,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool = True) -> None:
+    """Make torch pick deterministic kernels (raising on ops that have none), or stop doing so.
+
+    On CUDA, cuBLAS also needs a fixed workspace (``CUBLAS_WORKSPACE_CONFIG``), set here unless
+    the user set it; call this before the first CUDA matrix product. On CPU, runs are already
+    reproducible with the same seed; this only rules out the few nondeterministic CPU kernels.
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(enabled)
 
 
 def set_cpu_threads(threads: int | None = None) -> None:

@@ -15,6 +15,7 @@ from kdbackdoor.attacks.teacher_poisoning import RATE_HELP, PoisonConfig, holdou
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.evaluate import model_metrics
 from kdbackdoor.models import build_model, save_checkpoint
+from kdbackdoor.run_record import environment, file_checksums
 from kdbackdoor.runtime import seed_everything
 from kdbackdoor.training import TrainConfig, cross_entropy_loss, fit
 from kdbackdoor.triggers import Trigger
@@ -46,7 +47,8 @@ def train_teacher(
     reserves a clean share of the training data, never trained on. The provenance of every
     training sample (poisoned, source row, original label) and the holdout rows are saved in
     ``out_dir/provenance.npz``. ``metadata`` is stored in the checkpoint sidecar. Returns the
-    model and the run record (also written to ``metrics.json``).
+    model and the run record (also written to ``metrics.json``, last, with the sha256 of every
+    file in ``files``; see ``kdbackdoor.run_record``).
     """
     out_dir = Path(out_dir)
     train, held = holdout_split(train, holdout, config.seed)
@@ -55,11 +57,11 @@ def train_teacher(
         poison = poison or PoisonConfig()
         train = poison_training_set(train, trigger, poison, adversary=adversary)
         backdoor = {"rate_meaning": RATE_HELP, **train.meta["poison"]}
-    _save_provenance(out_dir / PROVENANCE_FILE, train, held)
 
     seed_everything(config.seed)
     c, h, w = train.image_shape
     model = build_model(arch, num_classes=train.num_classes, in_channels=c, input_size=(h, w)).to(device)
+    _save_provenance(out_dir / PROVENANCE_FILE, train, held)  # after every check: a bad input leaves no folder
     started = time.perf_counter()
     history = fit(model, train, config, out_dir, loss_fn=cross_entropy_loss(config.label_smoothing),
                   test=test, device=device, resume=resume, progress=progress, description=f"train {arch}")
@@ -75,9 +77,11 @@ def train_teacher(
         "history": history,
         "wall_seconds_this_session": time.perf_counter() - started,
         "device": str(device),
+        "environment": environment(device, config.seed),
         **(metadata or {}),
     }
     save_checkpoint(model, out_dir / MODEL_FILE, classes=train.classes, metadata=record)
+    record["files"] = file_checksums(out_dir, [MODEL_FILE, "model.json", PROVENANCE_FILE])
     write_json(out_dir / "metrics.json", record)
     return model, record
 

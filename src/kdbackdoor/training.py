@@ -23,7 +23,7 @@ from kdbackdoor.data.augment import augment
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.evaluate import accuracy
-from kdbackdoor.runtime import autocast, cpu_generator
+from kdbackdoor.runtime import Seed, autocast, cpu_generator
 
 STATE_FILE = "train_state.pt"
 
@@ -35,7 +35,7 @@ LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], t
 class TrainConfig(BaseModel):
     """Optimisation recipe. Learning rates are per batch of ``batch_size`` images."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     epochs: int = Field(30, ge=1, description="passes over the training set")
     batch_size: int = Field(128, ge=1)
@@ -52,7 +52,7 @@ class TrainConfig(BaseModel):
     cutmix: float = Field(0.0, ge=0, le=1, description="probability that an image gets a box pasted from "
                           "another one; labels are not mixed, so only for losses that ignore them (KD, λ = 1)")
     eval_every: int = Field(1, ge=0, description="evaluate test ACC every N epochs (0: only at the end)")
-    seed: int = 0
+    seed: Seed = 0
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
@@ -126,12 +126,18 @@ def fit(
     history: list[dict] = []
     start_epoch = 0
     if resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        history, start_epoch = state["history"], state["epoch"]
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"])
+            history, start_epoch = state["history"], state["epoch"]
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise KDBackdoorError(f"{state_path}: cannot resume from this training state ({reason}); "
+                                  "it belongs to another model or settings, or is damaged: delete it to "
+                                  "start over") from None
 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
@@ -159,6 +165,10 @@ def fit(
                 bar.advance(task)
                 if step % 25 == 0:  # reading the loss syncs the device: not every step
                     bar.update(task, status=f"epoch {epoch + 1}/{config.epochs} loss {float(loss.detach()):.3f}")
+            if not torch.isfinite(loss_sum):
+                raise KDBackdoorError(
+                    f"{description}: the loss became NaN or Inf in epoch {epoch + 1} (diverged); lower --lr "
+                    "or check the inputs (nothing of this epoch was saved)")
             seconds = time.perf_counter() - started
             row = {
                 "epoch": epoch + 1, "loss": float(loss_sum) / seen, "train_acc": float(correct) / seen,

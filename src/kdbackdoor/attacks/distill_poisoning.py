@@ -14,22 +14,35 @@
 The report counts source images tried, crafting attempts, kept and dropped poisons, and
 measures the teacher's stability on the kept poisons: target probability with the trigger,
 without it, and on the clean source image.
+
+Crafting can be resumed: with a ``state_path`` the poisons kept so far, the counters and the
+random generator are saved atomically after every batch, under a fingerprint of everything
+that decides the result (settings, engine, trigger, teacher weights, data). A resumed run
+ends with exactly the set an uninterrupted one gives (on CPU).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from kdbackdoor.atomic import atomic_path
 from kdbackdoor.attacks.engines import Engine
 from kdbackdoor.attacks.injection import InjectionMode, inject_poisons, poison_count
 from kdbackdoor.data.dataset import ImageDataset, to_uint8
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.evaluate import check_compatible
+from kdbackdoor.runtime import Seed
 from kdbackdoor.triggers import Trigger
+
+CRAFT_STATE_FILE = "craft_state.pt"
+"""Name of the resumable crafting state in an output folder (removed once the set is stored)."""
 
 LABEL_MODES = {
     "target": "the attacker's target class",
@@ -41,7 +54,7 @@ LABEL_MODES = {
 class DistillPoisonConfig(BaseModel):
     """Where poisons come from, how many, how they are checked and labelled."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     target: int = Field(0, ge=0, description="class the trigger should lead to")
     rate: float = Field(0.05, gt=0, lt=1, description="share of the final distillation set that is poison")
@@ -50,7 +63,7 @@ class DistillPoisonConfig(BaseModel):
     label_mode: Literal["target", "teacher", "original"] = "target"
     threshold: float = Field(0.5, gt=0, le=1, description="teacher target probability a stored poison needs")
     retries: int = Field(2, ge=0, description="extra crafting attempts for a poison that fails verification")
-    seed: int = 0
+    seed: Seed = 0
     batch_size: int = Field(128, ge=1, description="images crafted at once")
 
 
@@ -63,6 +76,8 @@ def craft_poisoned_set(
     *,
     device: torch.device | None = None,
     progress: bool = True,
+    state_path: str | Path | None = None,
+    resume: bool = False,
 ) -> tuple[ImageDataset, dict]:
     """Poison the distillation set ``data``; return the poisoned set and the attack report.
 
@@ -70,6 +85,10 @@ def craft_poisoned_set(
     attempts, kept, dropped, final size, achieved rate) and the teacher-stability and
     perturbation statistics of the kept poisons (probabilities in [0,1], distances in pixel
     units). Raises ``KDBackdoorError`` for inconsistent inputs or when no poison verifies.
+
+    ``state_path``: where the resumable crafting state is saved after every batch (the caller
+    deletes it once the result is safely stored). With ``resume`` an existing state is
+    continued; it must come from the same inputs. Without ``resume`` an existing state is an error.
     """
     device = device or next(teacher.parameters()).device
     sources = _check_inputs(teacher, data, trigger, config)
@@ -85,30 +104,40 @@ def craft_poisoned_set(
     queue = pool[torch.randperm(len(pool), generator=generator)]
     teacher.eval()
 
-    kept_rows, kept_images, kept_crafted, kept, attempts, tried = [], [], [], 0, 0, 0
+    state = _CraftState.empty(data.images.shape[1:])
+    fingerprint = ""
+    if state_path is not None:
+        state_path = Path(state_path)
+        fingerprint = _fingerprint(teacher, data, trigger, engine, config)
+        if state_path.exists() and not resume:
+            raise KDBackdoorError(f"{state_path.parent} holds an interrupted crafting run; pass --resume to "
+                                  "continue it, or choose another --out")
+        if resume and state_path.exists():
+            state = _CraftState.load(state_path, fingerprint, generator)
     columns = [TextColumn("[bold]craft poisons"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("craft", total=count, status="")
-        while kept < count and tried < len(queue):
-            rows = queue[tried:tried + min(config.batch_size, count - kept)]
-            tried += len(rows)
+        task = bar.add_task("craft", total=count, completed=len(state.rows), status="")
+        while len(state.rows) < count and state.tried < len(queue):
+            rows = queue[state.tried:state.tried + min(config.batch_size, count - len(state.rows))]
+            state.tried += len(rows)
             rows, images, crafted, used = _craft_verified(teacher, data, rows, trigger, engine, config,
                                                           generator, device)
-            attempts += used
-            kept_rows.append(rows)
-            kept_images.append(images)
-            kept_crafted.append(crafted)
-            kept += len(rows)
-            bar.update(task, completed=kept,
-                       status=f"tried {tried}, attempts {attempts}")
-    rows = torch.cat(kept_rows)
+            state.attempts += used
+            state.rows = torch.cat([state.rows, rows])
+            state.images = torch.cat([state.images, images])
+            state.crafted = torch.cat([state.crafted, crafted])
+            if state_path is not None:
+                state.save(state_path, fingerprint, generator)
+            bar.update(task, completed=len(state.rows),
+                       status=f"tried {state.tried}, attempts {state.attempts}")
+    rows, tried, attempts = state.rows, state.tried, state.attempts
     if len(rows) == 0:
         raise KDBackdoorError(
             f"no poison passed verification (threshold {config.threshold}) after trying {tried} source images; "
             "use a stronger engine setting (more steps, larger eps) or a lower --threshold")
     order = rows.argsort()
-    rows, images, crafted = rows[order], torch.cat(kept_images)[order], torch.cat(kept_crafted)[order]
+    rows, images, crafted = rows[order], state.images[order], state.crafted[order]
     stored = images.float() / 255
     labels = _labels(teacher, data, rows, stored, config, device)
     report = {
@@ -127,6 +156,51 @@ def craft_poisoned_set(
                                "trigger": trigger.config(), **report}}
     poisoned = inject_poisons(data, rows, images, labels, config.mode, meta=meta)
     return poisoned, report
+
+
+class _CraftState:
+    """Poisons kept so far (source rows, stored uint8 images with and without the trigger) and counters."""
+
+    def __init__(self, rows: torch.Tensor, images: torch.Tensor, crafted: torch.Tensor, tried: int,
+                 attempts: int) -> None:
+        self.rows, self.images, self.crafted, self.tried, self.attempts = rows, images, crafted, tried, attempts
+
+    @staticmethod
+    def empty(image_shape: tuple[int, ...]) -> "_CraftState":
+        nothing = torch.zeros((0, *image_shape), dtype=torch.uint8)
+        return _CraftState(torch.zeros(0, dtype=torch.int64), nothing, nothing.clone(), 0, 0)
+
+    def save(self, path: Path, fingerprint: str, generator: torch.Generator) -> None:
+        state = {"fingerprint": fingerprint, "rows": self.rows, "images": self.images, "crafted": self.crafted,
+                 "tried": self.tried, "attempts": self.attempts, "generator": generator.get_state()}
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+
+    @staticmethod
+    def load(path: Path, fingerprint: str, generator: torch.Generator) -> "_CraftState":
+        """The saved state; ``generator`` continues where the saved run's was."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state["fingerprint"] != fingerprint:
+                raise KDBackdoorError(
+                    f"{path}: this interrupted crafting run used other inputs (settings, engine, trigger, "
+                    "teacher or data); rerun with the same options, or choose another --out")
+            generator.set_state(state["generator"])
+            return _CraftState(state["rows"], state["images"], state["crafted"], int(state["tried"]),
+                               int(state["attempts"]))
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
+            raise KDBackdoorError(f"{path}: unreadable crafting state ({exc}); delete it to start over") from None
+
+
+def _fingerprint(teacher: torch.nn.Module, data: ImageDataset, trigger: Trigger, engine: Engine,
+                 config: DistillPoisonConfig) -> str:
+    """sha256 of everything that decides the crafted set, so a resumed run cannot mix inputs."""
+    digest = hashlib.sha256(json.dumps(
+        {"config": config.model_dump(), "engine": engine.config(), "trigger": trigger.config()},
+        sort_keys=True, default=str).encode())
+    for tensor in (data.images, data.labels, *teacher.state_dict().values()):
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _check_inputs(teacher, data, trigger, config) -> list[int]:

@@ -24,7 +24,7 @@ PixelTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 class EngineParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Engine(ABC):

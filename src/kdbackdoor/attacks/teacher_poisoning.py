@@ -23,6 +23,7 @@ from kdbackdoor.attacks.injection import inject_poisons, poison_count
 from kdbackdoor.data.dataset import ImageDataset, Provenance, to_uint8
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.triggers import Trigger
+from kdbackdoor.runtime import Seed
 
 CLEAN_LABEL_TRIGGERS = ("sig", "clean-label")  # poisoned label-consistently unless told otherwise
 
@@ -33,7 +34,7 @@ RATE_HELP = ("share of the final training set that carries the trigger; 'replace
 class PoisonConfig(BaseModel):
     """How a teacher's training set is poisoned."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     target: int = Field(0, ge=0, description="attacker's target class")
     rate: float = Field(0.1, gt=0, lt=1, description=RATE_HELP)
@@ -43,7 +44,7 @@ class PoisonConfig(BaseModel):
         f"auto: clean for {', '.join(CLEAN_LABEL_TRIGGERS)}, dirty otherwise")
     adv_eps: float = Field(16 / 255, ge=0, description="clean-label PGD radius (L∞, pixel units)")
     adv_steps: int = Field(10, ge=0)
-    seed: int = 0
+    seed: Seed = 0
 
     def resolved_style(self, trigger: Trigger) -> str:
         if self.style != "auto":

@@ -77,11 +77,13 @@ class ImageDataset:
             raise KDBackdoorError(f"{self.name or 'data set'}: provenance does not match the images")
         if len(self) == 0:
             raise KDBackdoorError(f"{self.name or 'data set'}: no images")
-        lo, hi = int(self.labels.min()), int(self.labels.max())
-        if lo < 0 or hi >= len(self.classes):
+        bad = ((self.labels < 0) | (self.labels >= len(self.classes))).nonzero()
+        if len(bad):
+            row = int(bad[0])
             raise KDBackdoorError(
                 f"{self.name or 'data set'}: labels must lie in [0, {len(self.classes) - 1}] "
-                f"({len(self.classes)} classes), found range [{lo}, {hi}]"
+                f"({len(self.classes)} classes); sample {row} has label {int(self.labels[row])} "
+                f"({len(bad)} samples out of range)"
             )
 
     def __len__(self) -> int:

@@ -4,8 +4,9 @@ The npz holds ``x`` (uint8, N×H×W×C), ``y``, ``classes`` and the provenance a
 (``poisoned``, ``source_index``, ``original_label``), so ``npz:DIR/poisoned.npz`` also loads
 it as a plain data set. The manifest (format ``kdbackdoor-poisoned-set/1``) records how it
 was made: every parameter, the counts, the teacher's identity, the trigger and the
-verification statistics, and the sha256 of the npz. It is written last, so a manifest means
-a complete set.
+verification statistics, and the sha256 of the npz and of the other files of the folder
+(``files``, checked by ``kdbackdoor verify``). It is written last, so a manifest means a
+complete set.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -24,14 +26,20 @@ from kdbackdoor.atomic import atomic_path, write_json
 from kdbackdoor.data.dataset import ImageDataset, Provenance
 from kdbackdoor.digest import sha256_file
 from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.run_record import file_checksums
 
 POISONED_SET_FORMAT = "kdbackdoor-poisoned-set/1"
 DATA_FILE = "poisoned.npz"
 MANIFEST_FILE = "manifest.json"
 
 
-def save_poisoned_set(data: ImageDataset, out_dir: str | os.PathLike, manifest: dict) -> Path:
-    """Write ``out_dir/poisoned.npz`` and ``out_dir/manifest.json``; returns the manifest path."""
+def save_poisoned_set(data: ImageDataset, out_dir: str | os.PathLike, manifest: dict,
+                      artifacts: Sequence[str] = ()) -> Path:
+    """Write ``out_dir/poisoned.npz`` and ``out_dir/manifest.json``; returns the manifest path.
+
+    ``artifacts``: names of other files already written in ``out_dir`` (e.g. a picture of the
+    poisons) whose sha256 the manifest records beside the npz's.
+    """
     if data.provenance is None:
         raise KDBackdoorError("a poisoned set needs provenance")
     out_dir = Path(out_dir)
@@ -51,6 +59,7 @@ def save_poisoned_set(data: ImageDataset, out_dir: str | os.PathLike, manifest: 
         "poisoned": int(prov.poisoned.sum()),
         "classes": list(data.classes),
         **manifest,
+        "files": file_checksums(out_dir, [DATA_FILE, *artifacts]),
     }
     write_json(out_dir / MANIFEST_FILE, full)
     return out_dir / MANIFEST_FILE

@@ -21,10 +21,12 @@ import torch
 
 from kdbackdoor.atomic import write_json
 from kdbackdoor.data.dataset import ImageDataset
+from kdbackdoor.defenses.robust_kd import RobustKDConfig, RobustTeacher, robust_kd_record
 from kdbackdoor.distill.losses import KDConfig, kd_loss, precompute_logits
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.evaluate import check_compatible, model_metrics
 from kdbackdoor.models import build_model, load_checkpoint, save_checkpoint
+from kdbackdoor.run_record import environment, file_checksums
 from kdbackdoor.runtime import seed_everything
 from kdbackdoor.training import TrainConfig, fit
 from kdbackdoor.triggers import Trigger
@@ -32,6 +34,8 @@ from kdbackdoor.triggers import Trigger
 MODEL_FILE = "model.safetensors"
 RECORD_FILE = "metrics.json"
 BASELINE_DIR = "baseline"
+RUN_FILES = (MODEL_FILE, "model.json", RECORD_FILE)
+"""A finished distillation folder's files (its record last)."""
 
 
 @dataclass
@@ -59,6 +63,7 @@ def distill(
     resume: bool = False,
     progress: bool = True,
     metadata: dict | None = None,
+    robust: RobustKDConfig | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Distill ``teacher`` into a new ``student_arch`` on ``train``; write the run to ``out_dir``.
 
@@ -66,7 +71,9 @@ def distill(
     ``metrics.json``: student ACC (and ASR, per-source-class ASR and, for restricted sources,
     the trigger's false-positive rate on the other classes), the teacher's metrics
     (``evaluate_teacher``), and with ``baseline`` the same for a student distilled in
-    ``out_dir/baseline`` on ``train`` without its poisoned rows. Returns (student, record).
+    ``out_dir/baseline`` on ``train`` without its poisoned rows. With ``robust`` (the
+    robust-kd defense) the teacher's targets are averaged over random views of each image
+    (``kdbackdoor.defenses.robust_kd``), the baseline's too. Returns (student, record).
     """
     out_dir = Path(out_dir)
     labels_used = kd.kd_lambda < 1
@@ -78,27 +85,38 @@ def distill(
         raise KDBackdoorError(f"training images are {train.image_shape} but test images {test.image_shape}")
     started = time.perf_counter()
     student, record = _distill_one(teacher, train, test, student_arch, config, kd, out_dir, device=device,
-                                   backdoor=backdoor, resume=resume, progress=progress)
+                                   backdoor=backdoor, resume=resume, progress=progress, robust=robust)
     if evaluate_teacher:
         record["teacher_metrics"] = student_metrics(teacher, test, backdoor, device)
     if baseline:
         record["baseline"] = _baseline(teacher, train, test, student_arch, config, kd, out_dir / BASELINE_DIR,
-                                       device=device, backdoor=backdoor, resume=resume, progress=progress)
-    record.update(wall_seconds_this_session=time.perf_counter() - started, device=str(device), **(metadata or {}))
-    save_checkpoint(student, out_dir / MODEL_FILE, classes=test.classes, metadata=record)
-    write_json(out_dir / RECORD_FILE, record)
+                                       device=device, backdoor=backdoor, resume=resume, progress=progress,
+                                       robust=robust)
+    record.update(wall_seconds_this_session=time.perf_counter() - started, device=str(device),
+                  environment=environment(device, config.seed), **(metadata or {}))
+    _save_run(student, record, out_dir, test.classes,
+              [f"{BASELINE_DIR}/{name}" for name in RUN_FILES] if baseline else [])
     return student, record
 
 
-def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, device, backdoor, resume, progress):
+def _save_run(student, record: dict, out_dir: Path, classes: list[str], extra_files: list[str]) -> None:
+    """Checkpoint, then the record with the checksums of the run's files, written last."""
+    save_checkpoint(student, out_dir / MODEL_FILE, classes=classes, metadata=record)
+    record["files"] = file_checksums(out_dir, [*RUN_FILES[:2], *extra_files])
+    write_json(out_dir / RECORD_FILE, record)
+
+
+def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, device, backdoor, resume, progress,
+                 robust=None):
     seed_everything(config.seed)
     c, h, w = train.image_shape
     student = build_model(student_arch, num_classes=test.num_classes, in_channels=c, input_size=(h, w)).to(device)
     teacher = teacher.to(device).eval()
+    targets = teacher if robust is None else RobustTeacher(teacher, robust)
     augmented = config.crop_padding > 0 or config.hflip or config.cutmix > 0
     # without augmentation every row always looks the same: the teacher runs once per row, not per epoch
-    cached = None if augmented or kd.kd_lambda == 0 else precompute_logits(teacher, train.images.to(device))
-    history = fit(student, train, config, out_dir, loss_fn=kd_loss(teacher, kd, cached), test=test, device=device,
+    cached = None if augmented or kd.kd_lambda == 0 else precompute_logits(targets, train.images.to(device))
+    history = fit(student, train, config, out_dir, loss_fn=kd_loss(targets, kd, cached), test=test, device=device,
                   resume=resume, progress=progress, description=f"distill {student_arch}")
     poisoned = int(train.provenance.poisoned.sum()) if train.provenance is not None else 0
     record = {
@@ -108,6 +126,7 @@ def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, dev
         "config": config.model_dump(),
         "kd": kd.model_dump(),
         "teacher_logits_cached": cached is not None,
+        "defense": robust_kd_record(robust, cached is not None) if robust is not None else None,
         "backdoor": backdoor_record(backdoor),
         "metrics": student_metrics(student, test, backdoor, device),
         "history": history,
@@ -115,7 +134,8 @@ def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, dev
     return student, record
 
 
-def _baseline(teacher, train, test, student_arch, config, kd, out_dir, *, device, backdoor, resume, progress):
+def _baseline(teacher, train, test, student_arch, config, kd, out_dir, *, device, backdoor, resume, progress,
+              robust=None):
     """The same distillation without the poisoned rows (reused when a finished one is there)."""
     if train.provenance is None or not train.provenance.poisoned.any():
         raise KDBackdoorError("a baseline needs a poisoned training set (its provenance marks no poison)")
@@ -125,9 +145,8 @@ def _baseline(teacher, train, test, student_arch, config, kd, out_dir, *, device
         return json.loads(record_path.read_text())
     clean = train.subset(~train.provenance.poisoned, name=f"{train.name}-without-poisons")
     student, record = _distill_one(teacher, clean, test, student_arch, config, kd, out_dir, device=device,
-                                   backdoor=backdoor, resume=resume, progress=progress)
-    save_checkpoint(student, out_dir / MODEL_FILE, classes=test.classes, metadata=record)
-    write_json(record_path, record)
+                                   backdoor=backdoor, resume=resume, progress=progress, robust=robust)
+    _save_run(student, record, out_dir, test.classes, [])
     return record
 
 

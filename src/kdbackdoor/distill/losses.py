@@ -17,7 +17,7 @@ from kdbackdoor.training import LossFn
 class KDConfig(BaseModel):
     """Weights of the distillation loss."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kd_lambda: float = Field(0.5, ge=0, le=1, description="weight λ of the KL term; 1-λ weighs the label CE")
     temperature: float = Field(4.0, gt=0, description="softmax temperature T of both models in the KL term")

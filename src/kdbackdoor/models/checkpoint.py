@@ -224,7 +224,8 @@ def _first_few(keys: list[str], limit: int = 5) -> str:
 
 
 def _check_tensors(path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Keys and shapes of ``tensors`` against the architecture in ``config``; finite values.
+    """Keys, shapes and kinds (float or integer) of ``tensors`` against the architecture in
+    ``config``; finite values.
 
     The architecture is built on the meta device, so an absurd description costs no memory.
     """
@@ -245,6 +246,11 @@ def _check_tensors(path: Path, config: dict[str, Any], tensors: dict[str, torch.
             raise KDBackdoorError(
                 f"{path}: weights do not match {config['arch']}: {key!r} has shape "
                 f"{tuple(tensors[key].shape)} in the file, {tuple(value.shape)} in the architecture"
+            )
+        if tensors[key].is_floating_point() != value.is_floating_point():
+            raise KDBackdoorError(
+                f"{path}: weights do not match {config['arch']}: {key!r} is {tensors[key].dtype} in the file, "
+                f"the architecture needs {'a floating-point' if value.is_floating_point() else 'an integer'} tensor"
             )
     for key, value in tensors.items():
         if value.is_floating_point() and not torch.isfinite(value).all():

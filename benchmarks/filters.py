@@ -1,0 +1,148 @@
+"""Figures: distillation-set filters and robust distillation against the PGD-poisoned CIFAR-10 set.
+
+On the 5% PGD set of ``distill_attack.py`` (4,211 images, 211 poisons, 4 px white square, target
+airplane) and its clean teacher:
+  1. every filter's AUROC, TPR at 5% FPR, precision and recall against the provenance (the
+     filters themselves never read it); reference-model only with --reference;
+  2. a student distilled after removing what the best filter (highest AUROC, a choice made
+     with the ground truth, as a benchmark may) flags with its own rule and with --expected-rate;
+  3. a student distilled with --defense robust-kd on the poisoned set, and one on the
+     unpoisoned set (what the defense costs without any poison).
+Students use the recipe of distill_attack.py (small-cnn, 10 epochs, λ = 1, T = 4, no
+augmentation, every 5th test image), so their ACC/ASR compare with results/distill_attack.md.
+Finished stages in --out are reused. Writes results/filters.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import SHARED, write_results
+from kdbackdoor.atomic import write_json
+from kdbackdoor.data.poisoned_set import load_poisoned_set
+from kdbackdoor.data.sources import load_dataset
+from kdbackdoor.defenses.audit import audit_report, remove_flagged, run_filters
+from kdbackdoor.defenses.filters import AuditContext, build_filter
+from kdbackdoor.defenses.filters.base import flag_top_share, score_against_provenance
+from kdbackdoor.defenses.robust_kd import RobustKDConfig
+from kdbackdoor.distill.dataset_kd import Backdoor, distill
+from kdbackdoor.distill.losses import KDConfig
+from kdbackdoor.models import load_checkpoint
+from kdbackdoor.runtime import select_device
+from kdbackdoor.training import TrainConfig
+from kdbackdoor.triggers import build_trigger
+
+CIFAR = f"imagefolder:{SHARED / 'data' / 'cifar10-jpeg'}"
+RECORDED = {"poisoned, no defense": {"acc": 0.4270, "asr": 0.2683},
+            "unpoisoned, no defense": {"acc": 0.4505, "asr": 0.0922}}  # results/distill_attack.md, λ = 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", default="runs/bench-distill-attack/sets/pgd-rate0.05-size4")
+    parser.add_argument("--teacher", default="runs/bench-cifar10-teacher")
+    parser.add_argument("--reference", default=None, help="a second CIFAR-10 model for reference-model")
+    parser.add_argument("--filters", nargs="+", default=["label-disagreement", "brittleness", "spectral",
+                                                         "activation-clustering", "strip"])
+    parser.add_argument("--strip-blends", type=int, default=4, help="STRIP blends per image (CPU time)")
+    parser.add_argument("--expected-rate", type=float, default=0.10,
+                        help="second removal rule: flag this share (a defender's guess, 2× the true rate)")
+    parser.add_argument("--num-views", type=int, default=4, help="robust-kd views per target (CPU time)")
+    parser.add_argument("--test-every", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--students", nargs="*", default=["remove", "remove-rate", "robust", "robust-clean"])
+    parser.add_argument("--out", default="runs/bench-filters")
+    args = parser.parse_args()
+    out, device = Path(args.out), select_device("auto")
+    data, manifest = load_poisoned_set(args.set)
+    teacher, _ = load_checkpoint(args.teacher, device=device)
+    results = {"recipe": vars(args), "size": len(data), "poisons": int(data.provenance.poisoned.sum())}
+
+    filter_file = out / "filters.json"
+    if filter_file.exists():
+        results["filters"] = json.loads(filter_file.read_text())
+        flags = torch.load(out / "flags.pt", weights_only=True)
+    else:
+        reference = load_checkpoint(args.reference, device=device)[0] if args.reference else None
+        names = args.filters + (["reference-model"] if reference is not None else [])
+        params = {"strip": {"blends": args.strip_blends}, "brittleness": {"draws": 1}}  # CPU time
+        chosen = [build_filter(name, **params.get(name, {})) for name in names]
+        ran = run_filters(data, AuditContext(teacher, device, reference), chosen, progress=False)
+        results["filters"] = audit_report(data, ran)
+        flags = {result.name: {"own": result.flags, "scores": result.scores} for result, _ in ran}
+        for result, _ in ran:
+            top, rule = flag_top_share(result.scores, args.expected_rate)
+            result.flags, result.rule = top, rule
+            results["filters"][result.name]["at_expected_rate"] = score_against_provenance(
+                result, data.provenance.poisoned)
+        write_json(filter_file, results["filters"])
+        torch.save(flags, out / "flags.pt")
+    publish(results)
+
+    best = max(results["filters"], key=lambda name: results["filters"][name]["detection"]["auroc"] or 0)
+    results["best_filter"] = best
+    test = load_dataset(CIFAR, "test", progress=False)
+    test = test.subset(torch.arange(0, len(test), args.test_every), name=f"cifar10-test[::{args.test_every}]")
+    backdoor = Backdoor(build_trigger(manifest["trigger"]), manifest["target"])
+    config = TrainConfig(epochs=args.epochs, batch_size=128, lr=0.05, crop_padding=0, hflip=False, eval_every=0,
+                         seed=0)
+    robust = RobustKDConfig(num_views=args.num_views)
+    results["students"] = {}
+    scores = flags[best]["scores"]
+    plans = {  # "remove": the best filter's own rule, as `audit-data --remove` applies it
+        "remove": lambda: data.subset(~flags[best]["own"], name=f"removed-by-{best}"),
+        "remove-rate": lambda: data.subset(~flag_top_share(scores, args.expected_rate)[0], name="removed-top-rate"),
+        "robust": lambda: data,
+        "robust-clean": lambda: data.subset(~data.provenance.poisoned, name="unpoisoned"),
+    }
+    for name in args.students:
+        train = plans[name]()
+        folder = out / "students" / name
+        if (folder / "metrics.json").exists():
+            record = json.loads((folder / "metrics.json").read_text())
+        else:
+            started = time.perf_counter()
+            _, record = distill(teacher, train, test, "small-cnn", config, KDConfig(kd_lambda=1.0, temperature=4.0),
+                                folder, device=device, backdoor=backdoor, evaluate_teacher=False, resume=True,
+                                progress=False, robust=robust if name.startswith("robust") else None)
+            record["bench_seconds"] = time.perf_counter() - started
+            write_json(folder / "metrics.json", record)
+        results["students"][name] = {"acc": record["metrics"]["acc"], "asr": record["metrics"]["asr"],
+                                     "train_size": record["train"]["size"], "poisons": record["train"]["poisoned"],
+                                     "defense": record.get("defense"), "seconds": record.get("bench_seconds")}
+        print(f"{name}: ACC {record['metrics']['acc']:.2%} ASR {record['metrics']['asr']:.2%} "
+              f"({record['train']['poisoned']} poisons in {record['train']['size']})", flush=True)
+        publish(results)
+
+
+def publish(results: dict) -> None:
+    lines = [f"Set: {results['size']} images, {results['poisons']} PGD poisons (5%).", "",
+             "| filter | own rule | flagged | AUROC | TPR@5%FPR | precision | recall | "
+             f"precision / recall at top {results['recipe']['expected_rate']:.0%} | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def f(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    for name, entry in results["filters"].items():
+        d, r = entry["detection"], entry.get("at_expected_rate", {})
+        lines.append(f"| {name} | {entry['rule']} | {entry['flagged']} | {f(d['auroc'])} | {f(d['tpr_at_5fpr'])} | "
+                     f"{f(d['precision'])} | {f(d['recall'])} | {f(r.get('precision'))} / {f(r.get('recall'))} | "
+                     f"{entry['seconds']:.0f} |")
+    if results.get("students"):
+        lines += ["", f"Students (small-cnn, λ = 1; best filter by AUROC: {results['best_filter']}):", "",
+                  "| student | train size | poisons left | ACC | ASR |", "|---|---|---|---|---|"]
+        for name, row in RECORDED.items():
+            lines.append(f"| {name} (recorded, distill_attack.md) | | | {row['acc']:.2%} | {row['asr']:.2%} |")
+        for name, row in results["students"].items():
+            lines.append(f"| {name} | {row['train_size']} | {row['poisons']} | {row['acc']:.2%} | {row['asr']:.2%} |")
+    write_results("filters", results, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

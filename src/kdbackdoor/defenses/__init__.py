@@ -1,0 +1,1 @@
+"""Defenses and audits: distillation-set filters, robust distillation, model scans, ABD."""

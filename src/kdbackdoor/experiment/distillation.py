@@ -1,0 +1,78 @@
+"""The one place where experiments call into distillation (dataset, OOD and data-free KD).
+
+``check_available`` says, before any work starts, whether this installation can run the
+configured method and defense; ``distill_student`` runs it. Both follow the library's
+distillation entry points, so a new method or defense is wired in here only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from kdbackdoor.data.dataset import ImageDataset
+from kdbackdoor.distill.dataset_kd import Backdoor
+from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.experiment.config import DATA_FREE_METHODS, ExperimentConfig
+
+# Defenses wired in below; the config accepts every name of ``config.DEFENSES``.
+AVAILABLE_DEFENSES = ("none",)
+
+
+def check_available(config: ExperimentConfig) -> None:
+    """Raise ``KDBackdoorError`` if the method, its parameters or the defense cannot run here."""
+    if config.distill.defense not in AVAILABLE_DEFENSES:
+        raise KDBackdoorError(f"distill.defense: {config.distill.defense!r} is not available in this installation "
+                              f"(available: {', '.join(AVAILABLE_DEFENSES)})")
+    if config.distill.method in DATA_FREE_METHODS:
+        _data_free_config(config)
+
+
+def _data_free_config(config: ExperimentConfig):
+    from kdbackdoor.distill.data_free import METHODS, DataFreeConfig
+    method = config.distill.method
+    if method not in METHODS:
+        raise KDBackdoorError(f"distill.method: {method!r} is not available in this installation "
+                              f"(data-free: {', '.join(METHODS)})")
+    params = {"save_samples": True, **config.distill.data_free}
+    try:
+        return DataFreeConfig(method=method, seed=config.stage_seed("distill"), **params)
+    except ValidationError as exc:
+        problems = "; ".join(f"distill.data_free.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise KDBackdoorError(problems) from None
+
+
+def distill_student(
+    config: ExperimentConfig,
+    teacher: torch.nn.Module,
+    transfer: ImageDataset | None,
+    test: ImageDataset,
+    out_dir: Path,
+    *,
+    device: torch.device,
+    backdoor: Backdoor | None,
+    progress: bool,
+    metadata: dict,
+) -> dict:
+    """Distill ``teacher`` as ``config.distill`` says into ``out_dir``; return the run record.
+
+    ``transfer`` is the distillation set (None for data-free methods). An interrupted run in
+    ``out_dir`` is continued. The record is the library's (``metrics``, ``teacher_metrics``,
+    ``baseline``, ``history``, ...), also written to ``out_dir/metrics.json``.
+    """
+    section = config.distill
+    seed = config.stage_seed("distill")
+    common = dict(device=device, backdoor=backdoor, evaluate_teacher=config.evaluation.evaluate_teacher,
+                  resume=True, progress=progress, metadata=metadata)
+    if section.method in DATA_FREE_METHODS:
+        from kdbackdoor.distill.data_free import distill_data_free
+        _, record = distill_data_free(teacher, test, section.student_arch, _data_free_config(config), out_dir,
+                                      **common)
+        return record
+    from kdbackdoor.distill.dataset_kd import distill
+    train_config = section.train.model_copy(update={"seed": seed})
+    _, record = distill(teacher, transfer, test, section.student_arch, train_config, section.kd, out_dir,
+                        baseline=section.baseline, **common)
+    return record
