@@ -18,7 +18,7 @@ from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.experiment.config import DATA_FREE_METHODS, ExperimentConfig
 
 # Defenses wired in below; the config accepts every name of ``config.DEFENSES``.
-AVAILABLE_DEFENSES = ("none",)
+AVAILABLE_DEFENSES = ("none", "abd", "sv", "sr", "robust-kd")
 
 
 def check_available(config: ExperimentConfig) -> None:
@@ -67,12 +67,15 @@ def distill_student(
     common = dict(device=device, backdoor=backdoor, evaluate_teacher=config.evaluation.evaluate_teacher,
                   resume=True, progress=progress, metadata=metadata)
     if section.method in DATA_FREE_METHODS:
+        from kdbackdoor.defenses.abd import build_data_free_defense
         from kdbackdoor.distill.data_free import distill_data_free
         _, record = distill_data_free(teacher, test, section.student_arch, _data_free_config(config), out_dir,
-                                      **common)
+                                      defense=build_data_free_defense(section.defense), **common)
         return record
     from kdbackdoor.distill.dataset_kd import distill
     train_config = section.train.model_copy(update={"seed": seed})
+    from kdbackdoor.defenses.robust_kd import RobustKDConfig
+    robust = RobustKDConfig(seed=seed) if section.defense == "robust-kd" else None
     _, record = distill(teacher, transfer, test, section.student_arch, train_config, section.kd, out_dir,
-                        baseline=section.baseline, **common)
+                        baseline=section.baseline, robust=robust, **common)
     return record
