@@ -82,13 +82,15 @@ def temporaries(folder: Path) -> list[Path]:
     return sorted(folder.rglob(TEMPORARY_GLOB))
 
 
+VARYING_KEYS = ("seconds", "images_per_s", "throughput", "wall_seconds_this_session", "created", "files", "path")
+
+
 def comparable(record: dict) -> dict:
     """A run record without what legitimately differs between two runs of the same seed:
     timings, creation times, and paths that depend on the output folder."""
     def strip(value):
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items()
-                    if k not in ("seconds", "images_per_s", "wall_seconds_this_session", "created", "files", "path")}
+            return {k: strip(v) for k, v in value.items() if k not in VARYING_KEYS}
         if isinstance(value, list):
             return [strip(v) for v in value]
         return value
