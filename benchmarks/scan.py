@@ -63,15 +63,14 @@ def row(name: str, kind: str, target: int, asr: float | None, acc: float | None,
             "seconds": scan["seconds"], "cpu_seconds": scan["cpu_seconds"]}
 
 
-def cifar_rows(args, config: NeuralCleanseConfig, out: Path) -> list[dict]:
+def cifar_rows(args, config: NeuralCleanseConfig, out: Path, rows: list[dict], recipe: dict) -> None:
     test = load_dataset(CIFAR, "test", progress=False)
     picked = torch.randperm(len(test), generator=cpu_generator(args.seed))[:args.images].sort()[0]
     data = test.subset(picked, name=f"cifar10-test[{args.images} seeded]")
     trigger = build_trigger(CIFAR_TRIGGER, image_shape=data.image_shape)
-    models = [(Path(args.teacher), "clean teacher")] + [
-        (folder, "clean" if folder.name.startswith("clean") else "backdoored")
-        for folder in sorted(Path(p) for p in args.students)]
-    rows = []
+    students = sorted((Path(p) for p in args.students), key=_informative_first)
+    models = [(folder, "clean" if folder.name.startswith("clean") else "backdoored") for folder in students]
+    models.insert(min(len(models), 5), (Path(args.teacher), "clean teacher"))
     for folder, kind in models:
         model, _ = load_checkpoint(folder, device="cpu")
         metrics = json.loads((folder / "metrics.json").read_text()).get("metrics", {})
@@ -80,15 +79,20 @@ def cifar_rows(args, config: NeuralCleanseConfig, out: Path) -> list[dict]:
         kind = "clean" if kind == "clean teacher" else kind
         rows.append({"data": "cifar10", **row(folder.name, kind, CIFAR_TARGET, metrics.get("asr"), metrics.get("acc"),
                                               scan)})
-        print(rows[-1], flush=True)
-    return rows
+        publish(rows, recipe)
 
 
-def digits_rows(args, config: NeuralCleanseConfig, out: Path) -> list[dict]:
+def _informative_first(folder: Path) -> tuple:
+    """λ = 1 then 0.5 first (pgd, its clean baseline, fgsm), the other λ after: a run cut short
+    still compares poisoned and clean students."""
+    lam = float(folder.name.rsplit("lambda", 1)[-1]) if "lambda" in folder.name else 0.0
+    return ({1.0: 0, 0.5: 1}.get(lam, 2), -lam, folder.name)
+
+
+def digits_rows(args, config: NeuralCleanseConfig, out: Path, rows: list[dict], recipe: dict) -> None:
     from kdbackdoor.evaluate import model_metrics
     train, test = load_dataset("digits", "train", progress=False), load_dataset("digits", "test", progress=False)
     trigger = build_trigger("badnets-square", image_shape=train.image_shape)
-    rows = []
     for seed in args.digits_seeds:
         target = (3 + 4 * seed) % 10
         for kind in ("backdoored", "clean"):
@@ -105,8 +109,12 @@ def digits_rows(args, config: NeuralCleanseConfig, out: Path) -> list[dict]:
             scan = scan_once(out / "digits" / name / "scan", model, test, config.model_copy(update={"seed": seed}),
                              trigger, {"model": name, "images": len(test)})
             rows.append({"data": "digits", **row(name, kind, target, metrics["asr"], metrics["acc"], scan)})
-            print(rows[-1], flush=True)
-    return rows
+            publish(rows, recipe)
+
+
+def publish(rows: list[dict], recipe: dict) -> None:
+    """Rewrite results/scan.{json,md} with the rows so far (a long run shows progress)."""
+    write_results("scan", {"recipe": recipe, "rows": rows}, markdown(rows, recipe))
 
 
 def markdown(rows: list[dict], recipe: dict) -> str:
@@ -146,10 +154,10 @@ def main() -> None:
     config = NeuralCleanseConfig(steps=args.steps, batch_size=args.batch_size, adjust_every=5, seed=args.seed)
     out = Path(args.out)
     recipe = {**vars(args), "config": config.model_dump()}
-    rows = digits_rows(args, config, out)
+    rows: list[dict] = []
+    digits_rows(args, config, out, rows, recipe)
     if not args.skip_cifar:
-        rows += cifar_rows(args, config, out)
-    write_results("scan", {"recipe": recipe, "rows": rows}, markdown(rows, recipe))
+        cifar_rows(args, config, out, rows, recipe)
 
 
 if __name__ == "__main__":
