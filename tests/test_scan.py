@@ -128,7 +128,7 @@ def test_scan_is_seeded_ignores_provenance_and_leaves_the_model_as_it_was(digits
     assert all(torch.equal(before[k], v) for k, v in digits_teacher.state_dict().items())
 
 
-def test_stripdetection_auroc_calls_low_entropy_triggered():
+def test_strip_detection_auroc_calls_low_entropy_triggered():
     assert detection_auroc(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.1, 0.2])) == 1.0
     assert detection_auroc(torch.tensor([0.1, 0.2]), torch.tensor([1.0, 2.0, 3.0])) == 0.0
 
@@ -138,7 +138,7 @@ def test_strip_statistics_on_the_backdoored_model(backdoored, digits, square, tm
     # The 1-px trigger is halved by STRIP's default 50/50 blend (AUROC about 0.5 on digits);
     # with 70% weight on the input it stays visible.
     report = scan_model(backdoored, data, NeuralCleanseConfig(steps=2, batch_size=8), trigger=square,
-                        strip_alpha=0.7)
+                        strip_alpha=0.7, strip_blends=8)
     strip = report.strip
     assert len(report.clean_entropy) == len(data) == strip["images"] and strip["alpha"] == 0.7
     assert strip["auroc"] > 0.65
@@ -203,8 +203,8 @@ def test_scan_command_rejects_bad_inputs(digits_teacher, digits, monkeypatch, ca
 
 
 def test_scan_needs_three_classes_and_two_labels(digits):
-    model = build_model("small-cnn", num_classes=2, in_channels=1, input_size=(6, 6)).eval()
-    two = encoded_label_dataset(num_classes=2)
+    model = build_model("small-cnn", num_classes=2, in_channels=1, input_size=(8, 8)).eval()
+    two = encoded_label_dataset(num_classes=2, size=8)
     with pytest.raises(KDBackdoorError, match="at least 3"):
         reverse_engineer_triggers(model, two, FAST)
     one_label = digits[1].subset(digits[1].labels == 0)
