@@ -93,7 +93,7 @@ def test_listing_commands(monkeypatch, capsys):
     (["train-teacher", "--arch", "resnet1000"], "resnet1000"),
     (["train-teacher", "--dataset", "imagefolder:/no/such/folder"], "/no/such/folder"),
     (["train-teacher", "--backdoor", "no-such-trigger"], "no-such-trigger"),
-    (["train-teacher", "--backdoor", "badnets-square", "--poison-rate", "1.5"], "--rate"),
+    (["train-teacher", "--backdoor", "badnets-square", "--poison-rate", "1.5"], "--poison-rate"),
     (["train-teacher", "--backdoor", "badnets-square", "--target", "12"], "target 12"),
     (["train-teacher", "--schedule", "sometimes"], "--schedule"),
     (["train-teacher", "--backdoor", "badnets-square:size=40"], "does not fit in 8x8 images"),

@@ -1,27 +1,80 @@
+"""The demo: the packaged run (slow) and the same code path on a tiny sweep of the same shape."""
+
 import json
+import re
 
 import pytest
-import torch
 
-from kdbackdoor.demo import DEMO_MARKER, run_demo
+from kdbackdoor.cli import main
+from kdbackdoor.demo import DEMO_MARKER, demo_config, run_demo
 from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.experiment.config import read_yaml
 
 
-def test_demo_runs_end_to_end_and_shows_the_backdoor(tmp_path):
-    summary = run_demo(tmp_path / "demo", device=torch.device("cpu"), progress=False)
-    assert summary["clean_teacher"]["acc"] > 0.9 and summary["backdoored_teacher"]["acc"] > 0.9
-    assert summary["backdoored_teacher"]["asr"] > 0.9 and summary["clean_teacher"]["asr"] < 0.2
-    assert summary["backdoored_teacher"]["acc_after_reload"] == summary["backdoored_teacher"]["acc"]
-    assert json.loads((tmp_path / "demo" / DEMO_MARKER).read_text()) == summary
-    assert (tmp_path / "demo" / "trigger.png").stat().st_size > 0
-    attack = summary["poisoned_distillation"]
-    assert attack["student"]["asr"] > attack["unpoisoned_student"]["asr"] + 0.1
-    assert attack["student"]["acc"] > 0.9
-    assert (tmp_path / "demo" / "student" / "baseline" / "model.safetensors").is_file()
+def tiny_demo_config(tmp_path):
+    """The packaged digits demo with a few epochs and iterations: minutes become seconds."""
+    import yaml
+    sweep = read_yaml(demo_config("digits"))
+    sweep["config"]["teacher"]["train"]["epochs"] = 4
+    attack, data_free, defended = sweep["zip"]["distill"]
+    attack["train"]["epochs"] = 3
+    for run in (data_free, defended):
+        run["data_free"] = {**run["data_free"], "iterations": 3, "synthesis_steps": 10, "student_steps": 10}
+    path = tmp_path / "tiny-demo.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_the_demo_code_path_writes_its_table_report_and_summary(tmp_path, capsys):
+    out = tmp_path / "demo"
+    summary = run_demo(out, config=tiny_demo_config(tmp_path), device="cpu", progress=False)
+    assert json.loads((out / DEMO_MARKER).read_text()) == summary
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "data:image/png;base64," in html
+    assert len([run for run in (out / "results" / "runs").iterdir() if run.is_dir()]) == 3
+    index = (out / "results" / "index.csv").read_text().splitlines()
+    assert len(index) == 4 and all("complete" in line for line in index[1:])
+    attack, data_free = summary["poisoned_distillation"], summary["data_free"]
+    for metrics in (attack["clean_teacher"], attack["student"], attack["unpoisoned_student"],
+                    data_free["backdoored_teacher"], data_free["student"], data_free["student_with_abd"]):
+        assert 0 <= metrics["acc"] <= 1 and 0 <= metrics["asr"] <= 1
+    assert attack["counts"]["kept"] > 0 and 0 <= attack["filter"]["auroc"] <= 1
+    assert data_free["backdoored_teacher"]["acc_after_reload"] == data_free["backdoored_teacher"]["acc"]
+    printed = capsys.readouterr().out
+    assert "student with ABD" in printed and "report.html" in printed
+    assert re.search(r"AUROC \d\.\d{3}", printed)
 
 
 def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(KDBackdoorError, match="not empty"):
-        run_demo(tmp_path, device=torch.device("cpu"), progress=False)
+        run_demo(tmp_path, device="cpu", progress=False)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_demo_refuses_a_sweep_of_another_shape(tmp_path):
+    path = tmp_path / "other.yaml"
+    path.write_text("name: other\nseeds: [0, 1]\n")
+    with pytest.raises(KDBackdoorError, match="three runs"):
+        run_demo(tmp_path / "out", config=path, device="cpu", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_command_rejects_an_unknown_data_set(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["kdbackdoor", "demo", "--out", str(tmp_path / "out"), "--dataset", "mnist"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "mnist" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_packaged_demo_shows_both_attacks(tmp_path):
+    """The README's main job, as shipped: both backdoors take, the unpoisoned student stays clean."""
+    summary = run_demo(tmp_path / "demo", device="cpu", progress=False)
+    attack, data_free = summary["poisoned_distillation"], summary["data_free"]
+    assert attack["clean_teacher"]["acc"] > 0.9 and attack["student"]["acc"] > 0.9
+    assert attack["student"]["asr"] > attack["unpoisoned_student"]["asr"] + 0.15
+    assert data_free["backdoored_teacher"]["asr"] > 0.9 and data_free["student"]["asr"] > 0.8
+    assert data_free["student"]["acc"] > 0.5

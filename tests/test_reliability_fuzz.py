@@ -20,6 +20,11 @@ from pydantic import BaseModel, ValidationError
 from kdbackdoor.attacks.distill_poisoning import DistillPoisonConfig
 from kdbackdoor.attacks.engines import ENGINES
 from kdbackdoor.attacks.teacher_poisoning import PoisonConfig
+from kdbackdoor.defenses.neural_cleanse import NeuralCleanseConfig
+from kdbackdoor.defenses.robust_kd import RobustKDConfig
+from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
+from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
+from kdbackdoor.distill.data_free import DataFreeConfig
 from kdbackdoor.distill.losses import KDConfig
 from kdbackdoor.models import available_architectures
 from kdbackdoor.training import TrainConfig
@@ -71,20 +76,12 @@ def check_config(model: type[BaseModel], values: dict) -> None:
                 assert _within(value, bound), (name, value, bound)
 
 
-CONFIGS = [TrainConfig, KDConfig, DistillPoisonConfig, PoisonConfig, *(e.Params for e in ENGINES.values())]
+CONFIGS = [TrainConfig, KDConfig, DistillPoisonConfig, PoisonConfig, DataFreeConfig, ShufflingVaccineConfig,
+           SelfRetrospectionConfig, RobustKDConfig, NeuralCleanseConfig, *(e.Params for e in ENGINES.values())]
 
 
-def _data_free_config():
-    from kdbackdoor.distill.data_free import DataFreeConfig
-    return DataFreeConfig
-
-
-@pytest.mark.parametrize("model", CONFIGS + [pytest.param(
-    None, id="DataFreeConfig", marks=pytest.mark.xfail(
-        strict=True, reason="distill/data_free.py (lead's module) still accepts NaN/Inf and seeds >= 2^63"))],
-    ids=lambda m: m.__name__ if m else "DataFreeConfig")
+@pytest.mark.parametrize("model", CONFIGS, ids=lambda m: m.__name__)
 def test_configs_accept_only_valid_values(model):
-    model = model or _data_free_config()
     examples = itertools.count()
 
     @FUZZ_CONFIGS
@@ -100,7 +97,7 @@ def test_configs_accept_only_valid_values(model):
                 with pytest.raises(ValidationError) as info:
                     model(**{name: bad})
                 assert info.value.errors()[0]["loc"][0] == name
-    record_outcome("fuzzing", "typed configs (TrainConfig, KDConfig, DistillPoisonConfig, PoisonConfig, engine "
+    record_outcome("fuzzing", "typed configs (training, KD, poisoning, data-free KD, defenses, engine "
                    "parameters)", model.__name__, count=next(examples))
 
 

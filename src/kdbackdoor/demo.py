@@ -1,15 +1,23 @@
-"""The end-to-end demo on the embedded digits data: no download, a few minutes on a CPU.
+"""The end-to-end demo: both threat models, a defense and a filter audit, in a few minutes on a CPU.
 
-It trains a clean and a backdoored teacher, evaluates both (ACC, ASR), renders the trigger,
-and checks that a checkpoint reloads safely with identical accuracy. Then it attacks
-distillation with the clean teacher (arXiv 2504.21323): PGD poisons carrying a white square
-are added to the distillation set, and a student distilled on it is compared with one
-distilled on the same set without them.
+The demo is a sweep of three experiments (``demo_configs/digits.yaml``, or ``cifar10.yaml`` for
+32x32 RGB data) run by the experiment runner, so its runs, cache and report are the same files
+a user's own sweep makes:
+
+1. threat model 1 (arXiv 2504.21323): a clean teacher, PGD poisons with a trigger added to the
+   distillation set, a student distilled on it next to one distilled without the poisons;
+2. threat model 2 (ABD, ICML 2023): a backdoored teacher distilled without data (DeepInversion);
+3. the same with the ABD defense.
+
+It then audits run 1's poisoned set with the brittleness filter (AUROC against the set's
+provenance), checks that the backdoored teacher reloads from safetensors with the same
+accuracy, prints one table and writes ``demo.json`` and a self-contained ``report.html``.
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -17,96 +25,144 @@ from rich.console import Console
 from rich.table import Table
 
 from kdbackdoor.atomic import write_json
-from kdbackdoor.attacks.distill_poisoning import DistillPoisonConfig, craft_poisoned_set
-from kdbackdoor.attacks.engines import build_engine
-from kdbackdoor.attacks.teacher_poisoning import PoisonConfig
-from kdbackdoor.data.sources import load_dataset
-from kdbackdoor.distill.dataset_kd import Backdoor, distill
-from kdbackdoor.distill.losses import KDConfig
+from kdbackdoor.data.poisoned_set import load_poisoned_set
+from kdbackdoor.defenses.audit import audit_report, run_filters
+from kdbackdoor.defenses.filters import AuditContext, build_filter
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.evaluate import accuracy, attack_success_rate
+from kdbackdoor.evaluate import accuracy
+from kdbackdoor.experiment import load_sweep, run_sweep, validate_config, write_report
+from kdbackdoor.experiment.runner import RUNS_DIR, ExperimentData, preflight, read_record
 from kdbackdoor.models import load_checkpoint
-from kdbackdoor.teacher import MODEL_FILE, train_teacher
-from kdbackdoor.training import TrainConfig
-from kdbackdoor.triggers import build_trigger, render_trigger_grid
+from kdbackdoor.teacher import MODEL_FILE
 
 DEMO_MARKER = "demo.json"
-RECIPE = TrainConfig(epochs=20, batch_size=64, lr=0.05, crop_padding=1, hflip=False, eval_every=5, seed=0)
-TRIGGER = "badnets-grid"
-POISON = PoisonConfig(target=0, rate=0.1, seed=0)
-# 8x8 images need larger perturbations and a larger square than the 32 px defaults
-KD_TRIGGER = "badnets-square:size=12"
-KD_ENGINE = {"eps": 48 / 255, "step_size": 12 / 255, "steps": 20}
-KD_POISON = DistillPoisonConfig(target=0, rate=0.2, seed=0)
-KD_RECIPE = TrainConfig(epochs=15, batch_size=64, lr=0.05, crop_padding=0, hflip=False, eval_every=0, seed=0)
-KD = KDConfig(kd_lambda=0.5, temperature=4.0)
-STUDENT = "wrn-16-1"
+CONFIGS = Path(__file__).with_name("demo_configs")
+AUDIT_FILTER = "brittleness"
+RUN_NAMES = ("poisoned-distillation-set", "data-free", "data-free-abd")
 
 
-def run_demo(out: str | Path, *, device: torch.device, progress: bool = True, console: Console | None = None) -> dict:
-    """Run the demo; write ``out/{clean,backdoored}-teacher/``, ``out/trigger.png``, ``out/demo.json``."""
+def demo_config(dataset: str) -> Path:
+    """The demo's sweep file for ``dataset``: the digits recipe, or the CIFAR-10 one for anything else."""
+    return CONFIGS / ("digits.yaml" if dataset == "digits" else "cifar10.yaml")
+
+
+def run_demo(out: str | Path, *, dataset: str = "digits", data_dir: str | None = None, device: str = "auto",
+             config: str | Path | None = None, progress: bool = True, console: Console | None = None) -> dict:
+    """Run the demo into ``out`` (replacing an earlier demo there); return its summary.
+
+    ``dataset``/``data_dir`` choose the data (``digits``, embedded, by default); ``device`` is
+    ``auto``, ``cpu`` or ``cuda[:N]``; ``config`` replaces the packaged sweep file (``demo_config``)
+    with one of the same shape (three runs named as ``RUN_NAMES``, run 1 with a poison section). Files: ``results/`` (the sweep's runs, cache and
+    ``index.csv``), ``report.html``, ``audit.json``-style figures in ``demo.json``.
+    Accuracies and rates are shares in [0, 1].
+    """
     console = console or Console()
+    started = time.perf_counter()
     out = Path(out)
+    overrides = [f"device={device}", f"data.dataset={dataset}"] + ([f"data.data_dir={data_dir}"] if data_dir else [])
+    spec, runs = load_sweep(config or demo_config(dataset), overrides)  # validated before anything is deleted
+    if sorted(run.label.get("name", "") for run in runs) != sorted(RUN_NAMES):
+        raise KDBackdoorError(f"{config}: a demo sweep has three runs, named {', '.join(RUN_NAMES)} (zip over name)")
+    for run in runs:
+        preflight(run.config)
     if out.exists() and any(out.iterdir()):
         if not (out / DEMO_MARKER).exists():
             raise KDBackdoorError(f"{out} is not empty and holds no earlier demo; choose another --out")
         shutil.rmtree(out)
-    train = load_dataset("digits", "train", progress=progress)
-    test = load_dataset("digits", "test", progress=progress)
-    c, h, w = train.image_shape
-    console.print(f"[bold]digits[/]: {len(train)} train / {len(test)} test images, {c}x{h}x{w}, "
-                  f"{train.num_classes} classes")
-    trigger = build_trigger(TRIGGER, image_shape=train.image_shape)
-    render_trigger_grid(trigger, test.pixels(torch.arange(8)), out / "trigger.png")
-    dataset = {"dataset": {"spec": "digits", "data_dir": None, "resize": None}}
+    results = out / "results"
+    console.print(f"[bold]kdbackdoor demo[/] on {dataset}: {len(runs)} experiments into {results}")
 
-    console.print("[bold]1.[/] clean teacher")
-    clean, clean_record = train_teacher(train, test, "small-cnn", RECIPE, out / "clean-teacher", device=device,
-                                        progress=progress, metadata=dataset)
-    console.print(f"[bold]2.[/] backdoored teacher: {trigger.describe()}, target {POISON.target}, "
-                  f"{POISON.rate:.0%} of the training set poisoned")
-    _, bad_record = train_teacher(train, test, "small-cnn", RECIPE, out / "backdoored-teacher", device=device,
-                                  progress=progress, metadata=dataset, trigger=trigger, poison=POISON)
-    clean_asr = attack_success_rate(clean, test, trigger, POISON.target, device=device)["asr"]
-    reloaded, _ = load_checkpoint(out / "backdoored-teacher" / MODEL_FILE, device=device)
-    reloaded_acc = accuracy(reloaded, test, device=device)["acc"]
+    names = {run.run_id: run.label["name"] for run in runs}
 
-    kd_trigger = build_trigger(KD_TRIGGER, image_shape=train.image_shape)
-    console.print(f"[bold]3.[/] poisoned distillation set against the clean teacher: PGD poisons with "
-                  f"{kd_trigger.describe()}, {KD_POISON.rate:.0%} of the set; {STUDENT} students, λ = {KD.kd_lambda}")
-    poisoned, report = craft_poisoned_set(clean, train, kd_trigger, build_engine("pgd", **KD_ENGINE), KD_POISON,
-                                          device=device, progress=progress)
-    _, kd_record = distill(clean, poisoned, test, STUDENT, KD_RECIPE, KD, out / "student", device=device,
-                           backdoor=Backdoor(kd_trigger, KD_POISON.target), baseline=True, evaluate_teacher=False,
-                           progress=progress, metadata=dataset)
+    def announce(kind: str, run_id: str, detail: str) -> None:
+        if kind == "start":
+            console.print(f"[bold]run {run_id}[/] ({names[run_id]})")
+        elif kind == "failed":
+            console.print(f"[red]run {run_id} failed:[/] {detail}")
 
+    outcome = run_sweep(spec, runs, results, progress=progress, on_event=announce)
+    if outcome.failed:
+        raise KDBackdoorError(f"demo runs failed: {outcome.failed}; logs in {results / RUNS_DIR}")
+    records = {run.label["name"]: read_record(results / RUNS_DIR / run.run_id) for run in runs}
+    attack, data_free, defended = (records[name] for name in RUN_NAMES)
+
+    console.print(f"[bold]audit[/] of the poisoned distillation set with the {AUDIT_FILTER} filter")
+    detection = _audit(attack, device, progress)
+    reloaded_acc = _reloaded_accuracy(data_free, device)
     summary = {
-        "clean_teacher": {"acc": clean_record["metrics"]["acc"], "asr": clean_asr},
-        "backdoored_teacher": {"acc": bad_record["metrics"]["acc"], "asr": bad_record["metrics"]["asr"],
-                               "acc_after_reload": reloaded_acc, "trigger": trigger.config(),
-                               "target": POISON.target, "poison_rate": POISON.rate},
+        "dataset": dataset,
+        "results": str(results),
+        "report": str(out / "report.html"),
         "poisoned_distillation": {
-            "trigger": kd_trigger.config(), "target": KD_POISON.target, "counts": report["counts"],
-            "student": {"acc": kd_record["metrics"]["acc"], "asr": kd_record["metrics"]["asr"]},
-            "unpoisoned_student": {"acc": kd_record["baseline"]["metrics"]["acc"],
-                                   "asr": kd_record["baseline"]["metrics"]["asr"]},
+            "trigger": attack["poisoned_set"]["trigger"], "counts": attack["poisoned_set"]["counts"],
+            "target": attack["config"]["poison"]["target"],
+            "clean_teacher": _acc_asr(attack["teacher_metrics"]),
+            "student": _acc_asr(attack["metrics"]),
+            "unpoisoned_student": _acc_asr(attack["baseline_metrics"]),
+            "filter": {"name": AUDIT_FILTER, **detection},
+        },
+        "data_free": {
+            "method": data_free["config"]["distill"]["method"],
+            "trigger": data_free["config"]["teacher"]["backdoor"]["trigger"],
+            "target": data_free["config"]["teacher"]["backdoor"]["target"],
+            "backdoored_teacher": {**_acc_asr(data_free["teacher_metrics"]), "acc_after_reload": reloaded_acc},
+            "student": _acc_asr(data_free["metrics"]),
+            "student_with_abd": _acc_asr(defended["metrics"]),
         },
     }
-    table = Table(title="kdbackdoor demo: digits, small-cnn teachers")
-    for column in ("teacher", "ACC", f"ASR ({TRIGGER} → {POISON.target})"):
-        table.add_column(column, justify="left" if column == "teacher" else "right")
-    table.add_row("clean", f"{clean_record['metrics']['acc']:.1%}", f"{clean_asr:.1%}")
-    table.add_row("backdoored", f"{bad_record['metrics']['acc']:.1%}", f"{bad_record['metrics']['asr']:.1%}")
-    table.add_row("backdoored, reloaded from safetensors", f"{reloaded_acc:.1%}", "")
-    console.print(table)
-    kd_table = Table(title=f"distilled from the clean teacher ({STUDENT}, λ = {KD.kd_lambda})")
-    for column in ("student distilled on", "ACC", f"ASR ({KD_TRIGGER} → {KD_POISON.target})"):
-        kd_table.add_column(column, justify="left" if column.startswith("student") else "right")
-    attack = summary["poisoned_distillation"]
-    kept = attack["counts"]["kept"]
-    for name, key in ((f"poisoned set (+{kept} poisons)", "student"), ("same set without poisons", "unpoisoned_student")):
-        kd_table.add_row(name, f"{attack[key]['acc']:.1%}", f"{attack[key]['asr']:.1%}")
-    console.print(kd_table)
+    write_report([results], out / "report.html")
+    summary["seconds"] = time.perf_counter() - started
     write_json(out / DEMO_MARKER, summary)
-    console.print(f"results in {out}/ (summary {out / DEMO_MARKER}, trigger grid {out / 'trigger.png'})")
+    console.print(summary_table(summary))
+    console.print(f"{summary['seconds']:.0f} s. Report: {out / 'report.html'}; summary: {out / DEMO_MARKER}; "
+                  f"runs: {results / RUNS_DIR}")
     return summary
+
+
+def _acc_asr(metrics: dict) -> dict:
+    return {"acc": metrics["acc"], "asr": metrics.get("asr")}
+
+
+def _audit(attack: dict, device: str, progress: bool) -> dict:
+    """The filter's detection figures on run 1's poisoned set, with run 1's clean teacher."""
+    from kdbackdoor.runtime import select_device
+    data, _ = load_poisoned_set(attack["stages"]["poisoned_set"]["path"])
+    dev = select_device(device)
+    teacher, _ = load_checkpoint(Path(attack["stages"]["teacher"]["path"]) / MODEL_FILE, device=dev)
+    results = run_filters(data, AuditContext(teacher.eval(), dev), [build_filter(AUDIT_FILTER)], progress=progress)
+    return audit_report(data, results)[AUDIT_FILTER]["detection"]
+
+
+def _reloaded_accuracy(record: dict, device: str) -> float:
+    """The backdoored teacher's test ACC after a reload from its safetensors checkpoint."""
+    from kdbackdoor.runtime import select_device
+    dev = select_device(device)
+    teacher, _ = load_checkpoint(Path(record["stages"]["teacher"]["path"]) / MODEL_FILE, device=dev)
+    test = ExperimentData(validate_config(record["config"]), progress=False).test
+    return accuracy(teacher, test, device=dev)["acc"]
+
+
+def summary_table(summary: dict) -> Table:
+    """The demo's one table: every model's ACC and ASR, and the filter's detection figures."""
+    attack, data_free = summary["poisoned_distillation"], summary["data_free"]
+    table = Table(title=f"kdbackdoor demo ({summary['dataset']})")
+    for column in ("model", "ACC", "ASR"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+
+    def row(name: str, metrics: dict) -> None:
+        asr = metrics.get("asr")
+        table.add_row(name, f"{metrics['acc']:.1%}", "" if asr is None else f"{asr:.1%}")
+
+    table.add_row(f"[bold]1. poisoned KD set[/] ({attack['trigger']['name']} → {attack['target']})")
+    row("clean teacher", attack["clean_teacher"])
+    row(f"student on the set + {attack['counts']['kept']} PGD poisons", attack["student"])
+    row("student on the set without poisons", attack["unpoisoned_student"])
+    detection = attack["filter"]
+    table.add_row(f"{detection['name']} filter on the poisoned set", f"AUROC {detection['auroc']:.3f}",
+                  f"TPR@5%FPR {detection['tpr_at_5fpr']:.1%}")
+    table.add_section()
+    table.add_row(f"[bold]2. data-free KD, {data_free['method']}[/] ({data_free['trigger']} → {data_free['target']})")
+    row("backdoored teacher", data_free["backdoored_teacher"])
+    row("student", data_free["student"])
+    row("student with ABD", data_free["student_with_abd"])
+    return table

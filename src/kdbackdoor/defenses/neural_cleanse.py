@@ -34,7 +34,7 @@ from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.data.progress import progress_bar
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.evaluate import check_compatible
-from kdbackdoor.runtime import autocast, cpu_generator
+from kdbackdoor.runtime import Seed, autocast, cpu_generator
 
 MAD_CONSISTENCY = 1.4826  # MAD · 1.4826 estimates the standard deviation of normal data
 MASK_INIT = 0.2  # initial mask values are uniform in [0, MASK_INIT]
@@ -43,7 +43,7 @@ MASK_INIT = 0.2  # initial mask values are uniform in [0, MASK_INIT]
 class NeuralCleanseConfig(BaseModel):
     """Knobs of the trigger reverse-engineering (defaults: Neural Cleanse's, shortened for CPUs)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     steps: int = Field(300, ge=1, description="optimisation steps (each: one batch, all classes)")
     batch_size: int = Field(16, ge=1, description="clean images per step; the model sees K times as many")
@@ -59,7 +59,7 @@ class NeuralCleanseConfig(BaseModel):
                                    "for this many rounds (0: never stop early)")
     anomaly_threshold: float = Field(2.0, gt=0, description="anomaly index above which a small-norm "
                                      "class is flagged")
-    seed: int = 0
+    seed: Seed = 0
 
 
 @dataclass

@@ -19,17 +19,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kdbackdoor.defenses.views import ViewConfig, apply_view
-from kdbackdoor.runtime import cpu_generator
+from kdbackdoor.runtime import Seed, cpu_generator
 
 
 class RobustKDConfig(BaseModel):
     """Settings of ``--defense robust-kd``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     views: ViewConfig = Field(default_factory=lambda: ViewConfig(kinds=["crop-flip", "jpeg"], jpeg_quality=30))
     num_views: int = Field(8, ge=1, description="K: views averaged per teacher target")
-    seed: int = Field(0, description="seed of the view draws")
+    seed: Seed = 0  # seed of the view draws
 
 
 class RobustTeacher(torch.nn.Module):

@@ -29,13 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from kdbackdoor.defenses.hypergradient import implicit_hypergradient
 from kdbackdoor.distill.hooks import DistillDefense, StudentStep
 from kdbackdoor.models.batchnorm import preserved_batchnorm_statistics
-from kdbackdoor.runtime import cpu_generator
+from kdbackdoor.runtime import Seed, cpu_generator
 
 
 class SelfRetrospectionConfig(BaseModel):
     """Settings of Self-Retrospection (ABD's defaults where it has them)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     rounds: int = Field(10, ge=1, description="Adam steps of the perturbation search per student step")
     perturbation_lr: float = Field(0.1, gt=0, description="Adam step of the perturbation (pixel units)")
@@ -47,7 +47,7 @@ class SelfRetrospectionConfig(BaseModel):
     fixed_point_iterations: int = Field(5, ge=1)
     l2: float = Field(1e-3, ge=0, description="penalty on ‖δ‖² in the inner problem")
     start: float = Field(0.0, ge=0, lt=1, description="share of the iterations before the defense starts")
-    seed: int = 0
+    seed: Seed = 0
 
 
 def output_change(changed_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from kdbackdoor.data.dataset import ImageDataset, to_uint8
 from kdbackdoor.distill.hooks import DistillDefense
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models.classifier import conv_layers
-from kdbackdoor.runtime import cpu_generator
+from kdbackdoor.runtime import Seed, cpu_generator
 
 IGNORED_BATCHES = 10  # the first synthetic batches (an untrained synthesiser's) say little
 TAIL_TEST_IMAGES = 10000  # transfer images the OOD tail test looks at
@@ -39,7 +39,7 @@ TAIL_TEST_IMAGES = 10000  # transfer images the OOD tail test looks at
 class ShufflingVaccineConfig(BaseModel):
     """Settings of the Shuffling Vaccine (ABD's defaults)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     coefficient: float = Field(0.1, gt=0, description="weight of the vaccine's synthesis term")
     copies: int = Field(3, ge=1, description="shuffled copies averaged into the suspect")
@@ -50,7 +50,7 @@ class ShufflingVaccineConfig(BaseModel):
                               f"(the first {IGNORED_BATCHES} are ignored)")
     tail_threshold: float = Field(0.02, ge=0, lt=1)
     reshuffles: int = Field(8, ge=1, description="shuffles tried before giving up")
-    seed: int = 0
+    seed: Seed = 0
 
 
 def shuffled_copy(model: nn.Module, layer_names: list[str], generator: torch.Generator) -> nn.Module:

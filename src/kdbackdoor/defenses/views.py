@@ -33,7 +33,7 @@ VIEW_KINDS: dict[str, str] = {
 class ViewConfig(BaseModel):
     """Which views to draw and how strong they are (pixel units, images in [0, 1])."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kinds: list[ViewKind] = Field(default_factory=lambda: ["noise", "blur", "jpeg", "crop-flip"], min_length=1)
     noise_sigma: float = Field(8 / 255, ge=0, le=1, description="std of the Gaussian noise, pixel units")

@@ -45,7 +45,7 @@ from kdbackdoor.image_grid import save_image_batch
 from kdbackdoor.models import build_model, save_checkpoint
 from kdbackdoor.models.features import forward_with_features
 from kdbackdoor.models.generator import save_generator
-from kdbackdoor.runtime import autocast, cpu_generator, seed_everything
+from kdbackdoor.runtime import Seed, autocast, cpu_generator, seed_everything
 
 STATE_FILE = "train_state.pt"
 GENERATOR_FILE = "generator/generator.safetensors"  # a subfolder: the run folder holds one model
@@ -75,7 +75,7 @@ COMMON_DEFAULTS: dict = {
 class DataFreeConfig(BaseModel):
     """A data-free run. Fields left as None take the method's defaults (see METHOD_DEFAULTS)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Literal["zskt", "dfad", "deepinversion", "cmi"] = "zskt"
     iterations: int = Field(2000, ge=1, description="outer iterations (each: one synthesis round, then student steps)")
@@ -107,7 +107,7 @@ class DataFreeConfig(BaseModel):
     eval_every: int = Field(0, ge=0, description="test ACC every N iterations (0: at the end only)")
     checkpoint_every: int = Field(50, ge=1, description="save the resumable state every N iterations")
     save_samples: bool = Field(False, description="write a PNG grid of the last synthetic images")
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _fill_method_defaults(self) -> "DataFreeConfig":

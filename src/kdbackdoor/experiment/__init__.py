@@ -4,7 +4,7 @@ Library use (what the CLI commands `run`, `sweep` and `report` call)::
 
     from kdbackdoor.experiment import load_config, run_experiment, load_sweep, run_sweep, write_report
 
-    config = load_config("configs/demo.yaml", ["distill.kd.kd_lambda=1"])
+    config = load_config("configs/attack/base-cpu.yaml", ["distill.kd.kd_lambda=1"])
     record = run_experiment(config, "runs/results")          # RESULTS/runs/<run_id>/metrics.json
     spec, runs = load_sweep("configs/attack/lambda-cpu.yaml")
     run_sweep(spec, runs, "runs/results", jobs=2)

@@ -29,8 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kdbackdoor.attacks.distill_poisoning import DistillPoisonConfig
 from kdbackdoor.attacks.engines import ENGINES
 from kdbackdoor.attacks.teacher_poisoning import PoisonConfig
+from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
+from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
 from kdbackdoor.distill.losses import KDConfig
 from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.runtime import Seed
 from kdbackdoor.training import TrainConfig
 
 # The one list of method, defense and tracker names; the distillation adapter says which of
@@ -44,7 +47,10 @@ TRACKERS = ("none", "tensorboard", "mlflow")
 
 # Fields that label a run or choose where it runs, not what it computes: not hashed.
 UNHASHED = ("name", "device", "tracking")
-_EMBEDDED_SEEDS = {"teacher": {"train": {"seed"}, "backdoor": {"seed"}}, "distill": {"train": {"seed"}}}
+_EMBEDDED_SEEDS = {"teacher": {"train": {"seed"}, "backdoor": {"seed"}},
+                   "distill": {"train": {"seed"}, "vaccine": {"seed"}, "retrospection": {"seed"}}}
+# defense -> the settings sections it reads
+_DEFENSE_SETTINGS = {"vaccine": ("abd", "sv"), "retrospection": ("abd", "sr")}
 _NESTED_KEY = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", re.DOTALL)
 _FRACTION = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*/\s*\d+(\.\d*)?\s*$")
 
@@ -78,7 +84,7 @@ class TeacherSection(_Section):
     backdoor: Optional[TeacherBackdoor] = Field(None, description="null trains a clean teacher")
     adv_model: Optional[str] = Field(None, description="clean model for the clean-label trigger's PGD step")
     holdout: float = Field(0.0, ge=0, lt=1, description="share of the training set kept out as clean holdout")
-    seed: Optional[int] = Field(None, description="teacher seed (default: the experiment's seed)")
+    seed: Optional[Seed] = Field(None, description="teacher seed (default: the experiment's seed)")
 
 
 class PoisonSection(DistillPoisonConfig):
@@ -89,7 +95,7 @@ class PoisonSection(DistillPoisonConfig):
     engine: dict[str, Any] = Field(default_factory=dict, description="engine parameters (pixel units), "
                                    "e.g. {eps: 8/255, steps: 20}; see `kdbackdoor poison-distill --help`")
     generator: Optional[str] = Field(None, description="generator checkpoint for method generative")
-    seed: Optional[int] = Field(None, description="poisoning seed (default: the experiment's seed)")
+    seed: Optional[Seed] = Field(None, description="poisoning seed (default: the experiment's seed)")
 
     @model_validator(mode="after")
     def _engine_params(self) -> "PoisonSection":
@@ -117,13 +123,20 @@ class DistillSection(_Section):
     data_free: dict[str, Any] = Field(default_factory=dict, description="data-free parameters (see "
                                       "`kdbackdoor distill --help`), e.g. {iterations: 200}")
     baseline: bool = Field(False, description="also distil on the transfer set without its poisons")
-    seed: Optional[int] = Field(None, description="student seed (default: the experiment's seed)")
+    vaccine: Optional[ShufflingVaccineConfig] = Field(None, description="Shuffling Vaccine settings (defense abd, "
+                                                      "sv; null: ABD's defaults)")
+    retrospection: Optional[SelfRetrospectionConfig] = Field(None, description="Self-Retrospection settings "
+                                                             "(defense abd, sr; null: ABD's defaults)")
+    seed: Optional[Seed] = Field(None, description="student seed (default: the experiment's seed)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "DistillSection":
         if self.defense not in ("none",) and self.method not in DEFENSES[self.defense]:
             raise ValueError(f"defense {self.defense!r} applies to methods {', '.join(DEFENSES[self.defense])}, "
                              f"not {self.method!r}")
+        for name, defenses in _DEFENSE_SETTINGS.items():
+            if getattr(self, name) is not None and self.defense not in defenses:
+                raise ValueError(f"distill.{name} configures defense {' or '.join(defenses)}, not {self.defense!r}")
         if self.method == "ood":
             if self.data is None:
                 raise ValueError("method ood needs distill.data (the out-of-distribution image set)")
@@ -160,7 +173,7 @@ class ExperimentConfig(_Section):
     """A whole experiment, from data to evaluation."""
 
     name: str = Field("experiment", description="a label for the run (not part of its identity)")
-    seed: int = Field(0, description="seed of every stage unless the stage sets its own")
+    seed: Seed = Field(0, description="seed of every stage unless the stage sets its own")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     data: DataSection = Field(default_factory=DataSection)
     teacher: TeacherSection = Field(default_factory=TeacherSection)
@@ -174,6 +187,10 @@ class ExperimentConfig(_Section):
     def _no_embedded_seed(cls, section, info):
         if "seed" in section.train.model_fields_set:
             raise ValueError(f"set {info.field_name}.seed (or seed), not {info.field_name}.train.seed")
+        for name in ("vaccine", "retrospection"):
+            settings = getattr(section, name, None)
+            if settings is not None and "seed" in settings.model_fields_set:
+                raise ValueError(f"set distill.seed (or seed), not distill.{name}.seed")
         if info.field_name == "teacher" and section.backdoor and "seed" in section.backdoor.model_fields_set:
             raise ValueError("set teacher.seed (or seed), not teacher.backdoor.seed")
         return section

@@ -68,9 +68,15 @@ def distill_student(
                   resume=True, progress=progress, metadata=metadata)
     if section.method in DATA_FREE_METHODS:
         from kdbackdoor.defenses.abd import build_data_free_defense
+        from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
+        from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
         from kdbackdoor.distill.data_free import distill_data_free
+        seeded = {"seed": seed}
+        defense = build_data_free_defense(
+            section.defense, vaccine=(section.vaccine or ShufflingVaccineConfig()).model_copy(update=seeded),
+            retrospection=(section.retrospection or SelfRetrospectionConfig()).model_copy(update=seeded))
         _, record = distill_data_free(teacher, test, section.student_arch, _data_free_config(config), out_dir,
-                                      defense=build_data_free_defense(section.defense), **common)
+                                      defense=defense, **common)
         return record
     from kdbackdoor.distill.dataset_kd import distill
     train_config = section.train.model_copy(update={"seed": seed})

@@ -96,7 +96,7 @@ def preflight(config: ExperimentConfig) -> None:
     check_tracking(config.tracking)
 
 
-class _Data:
+class ExperimentData:
     """The run's data sets, loaded on first use."""
 
     def __init__(self, config: ExperimentConfig, progress: bool) -> None:
@@ -177,7 +177,7 @@ def _execute(config: ExperimentConfig, results: Path, folder: Path, label: dict,
     started = time.perf_counter()
     device = select_device(config.device)
     cache = results / CACHE_DIR
-    data = _Data(config, progress)
+    data = ExperimentData(config, progress)
     test = data.test
     teacher, teacher_record, teacher_info = teacher_stage(config, cache, lambda: data.train, test, device=device,
                                                           progress=progress)

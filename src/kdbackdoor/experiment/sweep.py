@@ -3,7 +3,7 @@
 A sweep file (YAML)::
 
     name: attack-lambda
-    base: ../demo.yaml                 # an experiment config, relative to this file
+    base: base-cpu.yaml                # an experiment config, relative to this file
     overrides: {distill.train.epochs: 5}   # fixed changes (dotted keys)
     grid:                              # every combination
       distill.kd.kd_lambda: [0, 0.5, 1]

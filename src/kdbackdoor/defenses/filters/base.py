@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models.features import capture
-from kdbackdoor.runtime import autocast
+from kdbackdoor.runtime import Seed, autocast
 
 OUTLIER_MADS = 3.5
 """Default flag rule: a score above median + 3.5 robust standard deviations (1.4826·MAD)."""
@@ -32,7 +32,7 @@ class AuditContext:
     teacher: torch.nn.Module
     device: torch.device
     reference: torch.nn.Module | None = None
-    seed: int = 0
+    seed: Seed = 0
     batch_size: int = 256
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -76,7 +76,7 @@ class FilterResult:
 class FilterParams(BaseModel):
     """Base of every filter's parameters (unknown keys are refused)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataFilter(ABC):
