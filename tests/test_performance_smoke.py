@@ -28,7 +28,7 @@ def _positive(value) -> bool:
 
 
 def test_tiny_run_is_well_formed(performance):
-    settings = performance.Settings(**performance.TINY, df_methods=["zskt", "cmi"])
+    settings = performance.Settings(**performance.TINY, df_methods=["zskt"])
     results = performance.run_all(settings, torch.device("cpu"))
 
     kd = results["kd"]

@@ -193,8 +193,8 @@ def test_two_concurrent_sweeps_share_a_results_folder(tmp_path):
     assert len(list((results / "cache" / "teachers").glob("*/model.safetensors"))) == 1
 
 
-@pytest.mark.slow
 def test_ray_backend_on_a_local_instance(tmp_path):
+    """Runs in the default suite (about 50 s): CI checks the Ray backend against a local instance."""
     pytest.importorskip("ray")
     path = sweep_file(tmp_path, "ray", "grid: {distill.kd.kd_lambda: [0.5, 1.0]}\n")
     spec, runs = load_sweep(path)
