@@ -9,7 +9,7 @@ a user's own sweep makes:
 2. threat model 2 (ABD, ICML 2023): a backdoored teacher distilled without data (DeepInversion);
 3. the same with the ABD defense.
 
-It then audits run 1's poisoned set with the brittleness filter (AUROC against the set's
+It then audits run 1's poisoned set with the label-disagreement filter (AUROC against the set's
 provenance), checks that the backdoored teacher reloads from safetensors with the same
 accuracy, prints one table and writes ``demo.json`` and a self-contained ``report.html``.
 """
@@ -37,7 +37,9 @@ from kdbackdoor.teacher import MODEL_FILE
 
 DEMO_MARKER = "demo.json"
 CONFIGS = Path(__file__).with_name("demo_configs")
-AUDIT_FILTER = "brittleness"
+# On the digits demo's set (8x8 images, perturbations of 48/255) label-disagreement separates the
+# poisons best (AUROC 0.81; brittleness 0.36, which leads on 32 px CIFAR-10 PGD poisons: 0.996)
+AUDIT_FILTER = "label-disagreement"
 RUN_NAMES = ("poisoned-distillation-set", "data-free", "data-free-abd")
 
 
@@ -142,6 +144,11 @@ def _reloaded_accuracy(record: dict, device: str) -> float:
     return accuracy(teacher, test, device=dev)["acc"]
 
 
+def _cells(metrics: dict) -> tuple[str, str]:
+    asr = metrics.get("asr")
+    return f"{metrics['acc']:.1%}", "" if asr is None else f"{asr:.1%}"
+
+
 def summary_table(summary: dict) -> Table:
     """The demo's one table: every model's ACC and ASR, and the filter's detection figures."""
     attack, data_free = summary["poisoned_distillation"], summary["data_free"]
@@ -150,19 +157,19 @@ def summary_table(summary: dict) -> Table:
         table.add_column(column, justify="left" if column == "model" else "right")
 
     def row(name: str, metrics: dict) -> None:
-        asr = metrics.get("asr")
-        table.add_row(name, f"{metrics['acc']:.1%}", "" if asr is None else f"{asr:.1%}")
+        table.add_row(name, *_cells(metrics))
 
     table.add_row(f"[bold]1. poisoned KD set[/] ({attack['trigger']['name']} → {attack['target']})")
     row("clean teacher", attack["clean_teacher"])
     row(f"student on the set + {attack['counts']['kept']} PGD poisons", attack["student"])
     row("student on the set without poisons", attack["unpoisoned_student"])
     detection = attack["filter"]
-    table.add_row(f"{detection['name']} filter on the poisoned set", f"AUROC {detection['auroc']:.3f}",
+    table.add_row(f"{detection['name']} filter on the set", f"AUROC {detection['auroc']:.3f}",
                   f"TPR@5%FPR {detection['tpr_at_5fpr']:.1%}")
     table.add_section()
-    table.add_row(f"[bold]2. data-free KD, {data_free['method']}[/] ({data_free['trigger']} → {data_free['target']})")
-    row("backdoored teacher", data_free["backdoored_teacher"])
+    table.add_row(f"[bold]2. data-free KD ({data_free['method']})[/]")
+    table.add_row(f"backdoored teacher ({data_free['trigger']} → {data_free['target']})",
+                  *_cells(data_free["backdoored_teacher"]))
     row("student", data_free["student"])
     row("student with ABD", data_free["student_with_abd"])
     return table
