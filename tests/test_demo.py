@@ -40,6 +40,11 @@ def test_the_demo_code_path_writes_its_table_report_and_summary(tmp_path, capsys
         assert 0 <= metrics["acc"] <= 1 and 0 <= metrics["asr"] <= 1
     assert attack["counts"]["kept"] > 0 and 0 <= attack["filter"]["auroc"] <= 1
     assert data_free["backdoored_teacher"]["acc_after_reload"] == data_free["backdoored_teacher"]["acc"]
+    abd = [json.loads(path.read_text()) for path in (out / "results" / "runs").glob("*/metrics.json")]
+    abd = [record for record in abd if record["name"] == "data-free-abd"][0]
+    vaccine, retrospection = abd["defense"]["parts"]  # the config's ABD settings reached the defense
+    assert retrospection["config"]["start"] == 0.7 and retrospection["steps"] > 0
+    assert vaccine["name"] == "sv" and vaccine["config"]["seed"] == abd["config"]["seed"] == 0
     printed = capsys.readouterr().out
     assert "student with ABD" in printed and "report.html" in printed
     assert re.search(r"AUROC \d\.\d{3}", printed)

@@ -105,6 +105,22 @@ def test_every_defense_name_is_checked_against_methods():
             assert validate_config({"distill": {"method": method, "defense": defense, **extra}}).distill.defense == defense
 
 
+def test_abd_settings_are_typed_and_belong_to_their_defense():
+    config = validate_config({"distill": {"method": "zskt", "defense": "abd", "retrospection": {"start": 0.9},
+                                          "vaccine": {"coefficient": 0.5}}, "seed": 7})
+    assert config.distill.retrospection.start == 0.9 and config.distill.vaccine.coefficient == 0.5
+    assert "seed" not in config.to_data()["distill"]["retrospection"]  # it comes from distill.seed
+    changed = validate_config({**config.to_data(), "distill": {**config.to_data()["distill"],
+                                                               "retrospection": {"start": 0.5}}})
+    assert changed.run_id() != config.run_id()
+    with pytest.raises(KDBackdoorError, match="distill.retrospection configures defense abd or sr, not 'sv'"):
+        validate_config({"distill": {"method": "zskt", "defense": "sv", "retrospection": {"start": 0.9}}})
+    with pytest.raises(KDBackdoorError, match="not distill.vaccine.seed"):
+        validate_config({"distill": {"method": "zskt", "defense": "sv", "vaccine": {"seed": 3}}})
+    with pytest.raises(KDBackdoorError, match="portion"):
+        validate_config({"distill": {"method": "zskt", "defense": "sr", "retrospection": {"portion": 0}}})
+
+
 def test_shipped_configs_are_valid():
     experiments = sorted(CONFIGS.rglob("*.yaml"))
     assert experiments, "configs/ holds the ready-made configs"
