@@ -20,7 +20,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -33,6 +32,7 @@ from kdbackdoor.evaluate import accuracy
 from kdbackdoor.experiment import load_sweep, run_sweep, validate_config, write_report
 from kdbackdoor.experiment.runner import RUNS_DIR, ExperimentData, preflight, read_record
 from kdbackdoor.models import load_checkpoint
+from kdbackdoor.runtime import select_device
 from kdbackdoor.teacher import MODEL_FILE
 
 DEMO_MARKER = "demo.json"
@@ -127,7 +127,6 @@ def _acc_asr(metrics: dict) -> dict:
 
 def _audit(attack: dict, device: str, progress: bool) -> dict:
     """The filter's detection figures on run 1's poisoned set, with run 1's clean teacher."""
-    from kdbackdoor.runtime import select_device
     data, _ = load_poisoned_set(attack["stages"]["poisoned_set"]["path"])
     dev = select_device(device)
     teacher, _ = load_checkpoint(Path(attack["stages"]["teacher"]["path"]) / MODEL_FILE, device=dev)
@@ -137,7 +136,6 @@ def _audit(attack: dict, device: str, progress: bool) -> dict:
 
 def _reloaded_accuracy(record: dict, device: str) -> float:
     """The backdoored teacher's test ACC after a reload from its safetensors checkpoint."""
-    from kdbackdoor.runtime import select_device
     dev = select_device(device)
     teacher, _ = load_checkpoint(Path(record["stages"]["teacher"]["path"]) / MODEL_FILE, device=dev)
     test = ExperimentData(validate_config(record["config"]), progress=False).test
