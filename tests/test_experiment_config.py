@@ -122,7 +122,8 @@ def test_abd_settings_are_typed_and_belong_to_their_defense():
 
 
 def test_shipped_configs_are_valid():
-    experiments = sorted(CONFIGS.rglob("*.yaml"))
+    # configs/demo links to the package's demo_configs (rglob does not follow the link)
+    experiments = sorted(CONFIGS.rglob("*.yaml")) + sorted((CONFIGS / "demo").glob("*.yaml"))
     assert experiments, "configs/ holds the ready-made configs"
     sweeps = 0
     for path in experiments:
@@ -132,7 +133,7 @@ def test_shipped_configs_are_valid():
             sweeps += 1
         else:
             load_config(path)
-    assert sweeps >= 8  # attack: λ, method, rate, trigger size at CPU and paper scale; ABD table both scales
+    assert sweeps >= 10  # attack: λ, method, rate, trigger size at CPU and paper scale; ABD table both scales; demos
 
 
 def test_cli_run_refuses_an_invalid_config_before_any_work(tmp_path, monkeypatch, capsys):
