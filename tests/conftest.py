@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickletools
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,25 @@ def backdoored_digits_teacher(digits, tmp_path_factory):
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.eval(), trigger, record
+
+
+class CreatesFileWhenUnpickled:
+    """Unpickling this object creates the file at ``marker``: what a hostile checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def pickle_calls_open_on(path: Path, marker: Path) -> bool:
+    """Whether the pickle in ``path`` (a ``torch.save`` archive or a plain pickle) calls ``open``
+    on ``marker`` when loaded, found by reading its opcodes, never by running them."""
+    data = path.read_bytes()
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            data = archive.read(next(name for name in archive.namelist() if name.endswith("data.pkl")))
+    opcodes = [(op.name, arg) for op, arg, _ in pickletools.genops(data)]
+    names_open = any((name == "GLOBAL" and str(arg).endswith(" open")) or arg == "open" for name, arg in opcodes)
+    return names_open and any(name == "REDUCE" for name, _ in opcodes) and any(arg == str(marker) for _, arg in opcodes)

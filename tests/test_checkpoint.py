@@ -3,9 +3,7 @@
 import datetime
 import hashlib
 import json
-import pickletools
 import struct
-import zipfile
 
 import pytest
 import safetensors.torch
@@ -13,6 +11,8 @@ import torch
 
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models import build_model, load_checkpoint, save_checkpoint
+
+from conftest import CreatesFileWhenUnpickled, pickle_calls_open_on
 
 CLASSES = [f"c{i}" for i in range(10)]
 
@@ -191,14 +191,6 @@ def test_sha256_mismatch(saved):
         load_checkpoint(saved)
 
 
-class CreatesFileWhenUnpickled:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
@@ -206,12 +198,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     with pytest.raises(KDBackdoorError, match="evil.pt: refused to load"):
         load_checkpoint(path, arch="small-cnn", num_classes=10)
     assert not marker.exists()
-    # the archive really carries a call to open() on the marker (read the opcodes, never run them)
-    with zipfile.ZipFile(path) as archive:
-        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
-    opcodes = [(op.name, arg) for op, arg, _ in pickletools.genops(pickled)]
-    assert any(name == "GLOBAL" and arg.endswith(" open") for name, arg in opcodes)
-    assert any(arg == str(marker) for _, arg in opcodes)
+    assert pickle_calls_open_on(path, marker)  # the payload is real
 
 
 def test_pt_that_is_not_a_state_dict(tmp_path):

@@ -15,6 +15,7 @@ from PIL import Image
 
 from kdbackdoor.digest import sha256_file
 from kdbackdoor.models import build_model, save_checkpoint
+from conftest import CreatesFileWhenUnpickled, pickle_calls_open_on
 from reliability_support import assert_user_error, record_outcome, run_cli
 
 GROUP = "bad input"
@@ -47,21 +48,11 @@ def digits_like(n=20, size=8, channels=None, classes=10, seed=0):
     return rng.integers(0, 256, shape, dtype=np.uint8), rng.integers(0, classes, n)
 
 
-class Payload:
-    """Unpickling this object creates the file at ``marker``: what a hostile checkpoint could do."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def hostile_checkpoint(teacher, marker, legacy: bool):
     """``teacher``'s sidecar, now pointing at a .pt whose pickle would create ``marker``."""
     folder = teacher.parent
     evil = folder / "evil.pt"
-    payload = {"backbone.stem.0.weight": Payload(marker)}
+    payload = {"backbone.stem.0.weight": CreatesFileWhenUnpickled(marker)}
     if legacy:
         evil.write_bytes(pickle.dumps(payload))
     else:
@@ -82,12 +73,7 @@ def test_malicious_pickle_is_refused_and_never_runs(teacher, tmp_path, legacy, c
     assert_user_error(run_cli(*args[command]), "evil.pt", "refused to load")
     assert not marker.exists(), "the pickle's code ran"
     assert not (tmp_path / "out").exists()
-    # the payload is real: an unsafe load would have run it
-    if legacy:
-        pickle.loads(sidecar.with_suffix(".pt").read_bytes())
-    else:
-        torch.load(sidecar.with_suffix(".pt"), weights_only=False)
-    assert marker.exists()
+    assert pickle_calls_open_on(sidecar.with_suffix(".pt"), marker)  # the payload is real
     record_outcome(GROUP, "malicious pickle checkpoint (.pt that creates a file when unpickled)",
                    f"{command}, {'legacy' if legacy else 'zip'} pickle")
 

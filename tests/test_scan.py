@@ -3,7 +3,6 @@ model, the clean model's scan, STRIP statistics and the `scan` command."""
 
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ import torch
 from PIL import Image
 
 from kdbackdoor.attacks.teacher_poisoning import PoisonConfig, poison_training_set
-from kdbackdoor.cli import main
 from kdbackdoor.data.dataset import Provenance
 from kdbackdoor.defenses.neural_cleanse import (
     NeuralCleanseConfig,
@@ -28,18 +26,10 @@ from kdbackdoor.training import TrainConfig, cross_entropy_loss, fit
 from kdbackdoor.triggers import build_trigger
 
 from conftest import encoded_label_dataset
+from test_cli import run
 
 TARGET = 3
 FAST = NeuralCleanseConfig(steps=150, seed=0)
-
-
-def run(monkeypatch, capsys, *args):
-    """Run ``kdbackdoor ARGS``; return (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["kdbackdoor", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out, err = capsys.readouterr()
-    return exit_info.value.code or 0, out, err
 
 
 @pytest.fixture(scope="module")
