@@ -144,6 +144,25 @@ def test_resume_after_a_killed_sweep_completes_every_run_once(tmp_path):
     assert again.completed == [] and len(again.skipped) == 4  # a finished sweep does no work
 
 
+def test_jobs_2_runs_every_run_once_with_its_own_log(tmp_path):
+    """The local worker pool (forked workers here: one torch thread each on this 2-core machine)."""
+    path = sweep_file(tmp_path, "pool", "grid: {distill.kd.kd_lambda: [0.0, 1.0]}\nseeds: [0, 1]\n")
+    spec, runs = load_sweep(path)
+    results = tmp_path / "results"
+    events = []
+    result = run_sweep(spec, runs, results, jobs=2, progress=False, on_event=lambda kind, run_id, _: events.append(
+        (kind, run_id)))
+    assert not result.failed and sorted(result.completed) == sorted(run.run_id for run in runs)
+    assert sorted(run_id for kind, run_id in events if kind == "start") == sorted(result.completed)
+    rows = read_index(results)
+    assert len(rows) == 4 and all(row["status"] == "complete" for row in rows)
+    for run in runs:  # a run's log holds its own lines only, wherever the run ran
+        log_text = (results / "runs" / run.run_id / "log.txt").read_text()
+        assert log_text.count(" started") == 1 and f"run {run.run_id} (" in log_text
+        assert log_text.count(" complete: ") == 1
+    assert run_sweep(spec, runs, results, jobs=2, progress=False).completed == []
+
+
 def in_processes(calls, timeout: float = 900) -> None:
     """Run ``(function, args)`` calls in fresh processes at the same time; each must succeed."""
     context = multiprocessing.get_context("spawn")

@@ -25,15 +25,18 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kdbackdoor.atomic import write_json
@@ -251,9 +254,8 @@ def execute_job(job: _Job, progress: bool = False) -> str | None:
 
 def _run_pool(jobs_list: list[_Job], jobs: int, submitted, finished) -> None:
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    context = get_context("spawn")  # fork after torch has started threads can deadlock
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
-                             initargs=(threads, os.getpid())) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=_worker_context(threads), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
         pending = {}
         queue = list(jobs_list)
         while queue or pending:
@@ -268,10 +270,28 @@ def _run_pool(jobs_list: list[_Job], jobs: int, submitted, finished) -> None:
                 finished(job, future.result() if error is None else f"worker died: {error}")
 
 
-def _init_worker(threads: int, parent: int) -> None:
+def _worker_context(threads: int) -> BaseContext:
+    """How workers start; a fresh interpreter spends seconds importing torch, longer than a tiny run.
+
+    On Linux with one torch thread per worker: fork, so a worker starts at once with what this
+    process imported. (A forked child hangs only when it enters an OpenMP parallel region after
+    the parent has used one; with one thread it never does.) Otherwise: from a fork server that
+    imports the toolkit once, or spawned where there is none.
+    """
+    methods = get_all_start_methods()
+    if threads == 1 and sys.platform == "linux" and "fork" in methods:
+        return get_context("fork")
+    if "forkserver" in methods:
+        context = get_context("forkserver")
+        context.set_forkserver_preload(["kdbackdoor.experiment.runner"])
+        return context
+    return get_context("spawn")
+
+
+def _init_worker(threads: int) -> None:
     """A worker: its share of CPU threads, and an exit when the sweep process dies (even by SIGKILL)."""
-    import torch
     torch.set_num_threads(threads)
+    parent = os.getppid()  # the sweep, or the fork server, which exits when the sweep dies
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -312,7 +332,6 @@ def _run_ray(jobs_list: list[_Job], jobs: int, address: str | None, cpus: float,
 
 
 def _ray_job(job: _Job, threads: int) -> str | None:
-    import torch
     torch.set_num_threads(threads)
     return execute_job(job)
 
