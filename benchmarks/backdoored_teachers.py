@@ -4,7 +4,9 @@ For each data set: a clean teacher, then one teacher per trigger (all-to-one, ta
 10% of the final training set, poisons replace images); reports ACC, ASR, and each
 trigger's ASR on the clean teacher (baseline). Finished runs in --out are reused, so an
 interrupted sweep continues where it stopped.
-Usage: python benchmarks/backdoored_teachers.py [--datasets cifar10 gtsrb] [--epochs 3]
+Usage: python benchmarks/backdoored_teachers.py [--datasets cifar10 gtsrb] [--triggers blend sig] [--epochs 3]
+Two instances may share --out when their data sets or triggers differ (the clean teacher is trained
+by whichever comes first; start the second after it exists).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def teacher(train, test, arch, config, out: Path, device, trigger=None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--datasets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--triggers", nargs="+", help="only these triggers (default: all of each data set's)")
     parser.add_argument("--arch", default="fast-cnn-half")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -59,7 +62,7 @@ def main() -> None:
         train, test = load_dataset(spec, "train", progress=False), load_dataset(spec, "test", progress=False)
         clean, clean_record = teacher(train, test, args.arch, config, Path(args.out) / name / "clean", device)
         clean_acc = clean_record["metrics"]["acc"]
-        for trigger_name in triggers:
+        for trigger_name in [t for t in triggers if not args.triggers or t in args.triggers]:
             trig = build_trigger(trigger_name, image_shape=train.image_shape)
             _, record = teacher(train, test, args.arch, config, Path(args.out) / name / trigger_name, device, trig)
             baseline = attack_success_rate(clean, test, trig, 0, device=device)["asr"]
