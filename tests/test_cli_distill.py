@@ -108,6 +108,7 @@ def test_distill_on_a_plain_data_set(clean_teacher, monkeypatch, capsys, tmp_pat
     (["poison-distill", "--param", "c"], "KEY=VALUE"),
     (["poison-distill", "--method", "cw", "--eps", "8/255"], "eps"),
     (["poison-distill", "--method", "generative"], "needs a generator"),
+    (["poison-distill", "--method", "cw", "--early-exit"], "early exit is not supported by the cw engine"),
     (["poison-distill", "--source-classes", "a,b"], "--source-classes"),
     (["poison-distill", "--label-mode", "random"], "--label-mode"),
     (["poison-distill", "--dataset", "npz:RGB"], "channels"),

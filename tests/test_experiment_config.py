@@ -46,6 +46,7 @@ def test_resolved_config_reads_back_identically(tmp_path):
     (["poison.engine.epss=0.1"], "poison.engine.epss: unknown key; allowed here: eps, step_size, steps"),
     (["poison.method=pgd2"], "poison.method: Input should be 'fgsm', 'pgd', 'cw' or 'generative'"),
     (["poison.rate=1.5"], "poison.rate: Input should be less than 1"),
+    (["poison.method=fgsm", "poison.early_exit=true"], "early_exit: not supported by method fgsm (only by pgd)"),
     (["teacher.train.seed=1"], "set teacher.seed (or seed), not teacher.train.seed"),
     (["distill.method=ood", "distill.data=digits"], "set distill.kd.kd_lambda to 1"),
     (["distill.method=zskt", "distill.defense=robust-kd"], "defense 'robust-kd' applies to methods dataset, ood"),

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from kdbackdoor.attacks.pgd import pgd
@@ -47,3 +48,42 @@ def test_zero_steps_without_random_start_is_identity():
     x = torch.rand(4, 3, 4, 4)
     assert torch.equal(pgd(model, x, torch.zeros(4, dtype=torch.long), eps=0.1, step_size=0.1, steps=0,
                            random_start=False), x)
+
+
+class RowCounter(torch.nn.Module):
+    """Wraps a model and counts the images it is shown."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, x):
+        self.rows += len(x)
+        return self.model(x)
+
+
+def test_stop_probability_freezes_images_that_reached_it_and_saves_their_steps():
+    x = torch.rand(64, 3, 4, 4, generator=torch.Generator().manual_seed(4))
+    target = torch.full((64,), 2)
+    settings = dict(eps=0.3, step_size=0.02, steps=30, targeted=True)
+    full = RowCounter(linear_model())
+    adv_full = pgd(full, x, target, generator=torch.Generator().manual_seed(0), **settings)
+    early = RowCounter(linear_model())
+    adv = pgd(early, x, target, generator=torch.Generator().manual_seed(0), stop_probability=0.3, **settings)
+    assert full.rows == 64 * 30
+    assert early.rows < full.rows * 0.8  # images left the batch once they reached 0.3
+    with torch.no_grad():
+        p_early = early.model(adv).softmax(1)[:, 2]
+        p_full = full.model(adv_full).softmax(1)[:, 2]
+    stopped = p_early >= 0.3
+    assert stopped.float().mean() > 0.5
+    # a frozen image is the iterate that reached the threshold, so full PGD pushed it further
+    assert (p_full[stopped] >= p_early[stopped] - 1e-6).all() and (p_full[stopped] > p_early[stopped]).any()
+    assert (adv - x).abs().max() <= 0.3 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+
+
+def test_stop_probability_needs_a_targeted_attack():
+    x = torch.rand(4, 3, 4, 4)
+    with pytest.raises(ValueError, match="targeted"):
+        pgd(linear_model(), x, torch.zeros(4, dtype=torch.int64), eps=0.1, step_size=0.01, steps=2,
+            stop_probability=0.5)

@@ -211,6 +211,9 @@ def poison_distill_cmd(
     retries: int = typer.Option(2, min=0, help="extra crafting attempts for a poison that fails verification"),
     seed: int = SEED,
     batch_size: int = typer.Option(128, min=1, help="images crafted at once"),
+    early_exit: bool = typer.Option(False, help="pgd: stop optimising a poison once the teacher gives the target at "
+                                    "least --threshold on it with the trigger (faster; the poisons carry the target "
+                                    "less strongly)"),
     device: str = DEVICE,
     resume: bool = typer.Option(False, help="continue an interrupted crafting run in --out (the poisons crafted "
                                 "so far are saved after every batch)"),
@@ -230,7 +233,7 @@ def poison_distill_cmd(
     ENGINES
     """
     from kdbackdoor.attacks.distill_poisoning import (CRAFT_STATE_FILE, DistillPoisonConfig, LABEL_MODES,
-                                                      craft_poisoned_set)
+                                                      check_engine, craft_poisoned_set)
     from kdbackdoor.attacks.engines import build_engine
     from kdbackdoor.data.poisoned_set import MANIFEST_FILE, save_poisoned_set
     from kdbackdoor.models.generator import load_generator
@@ -242,11 +245,13 @@ def poison_distill_cmd(
         raise KDBackdoorError(f"{out} already holds a poisoned set; choose another --out or delete it first")
     config = _validated(DistillPoisonConfig, target=target, rate=rate, mode=mode,
                         source_classes=_int_list(source_classes, "--source-classes"), label_mode=label_mode,
-                        threshold=threshold, retries=retries, seed=seed, batch_size=batch_size)
+                        threshold=threshold, retries=retries, seed=seed, batch_size=batch_size,
+                        early_exit=early_exit)
     engine_params = _engine_params(method, eps, step_size, steps, norm, param)
     dev = select_device(device)
     gen_model = load_generator(generator, dev) if generator is not None else None
     engine = build_engine(method, generator_model=gen_model, **engine_params)  # checks the options before any work
+    check_engine(engine, config)
     _start_run(out, resume, deterministic)
     model, sidecar = _load_teacher(teacher, dev)
     data = _load(dataset, split, data_dir, resize, progress)

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kdbackdoor.atomic import atomic_path
-from kdbackdoor.attacks.engines import Engine
+from kdbackdoor.attacks.engines import ENGINES, Engine
 from kdbackdoor.attacks.injection import InjectionMode, inject_poisons, poison_count
 from kdbackdoor.data.dataset import ImageDataset, to_uint8
 from kdbackdoor.errors import KDBackdoorError
@@ -65,6 +65,9 @@ class DistillPoisonConfig(BaseModel):
     retries: int = Field(2, ge=0, description="extra crafting attempts for a poison that fails verification")
     seed: Seed = 0
     batch_size: int = Field(128, ge=1, description="images crafted at once")
+    early_exit: bool = Field(False, description="stop optimising a poison as soon as the teacher gives the target "
+                             "at least `threshold` on it with the trigger (engines that support it: pgd); faster, "
+                             "but the poisons carry the target less strongly than after every step")
 
 
 def craft_poisoned_set(
@@ -91,7 +94,7 @@ def craft_poisoned_set(
     continued; it must come from the same inputs. Without ``resume`` an existing state is an error.
     """
     device = device or next(teacher.parameters()).device
-    sources = _check_inputs(teacher, data, trigger, config)
+    sources = _check_inputs(teacher, data, trigger, engine, config)
     count = poison_count(len(data), config.rate, config.mode)
     pool = torch.isin(data.labels.cpu(), torch.tensor(sources)).nonzero().squeeze(1)
     if count < 1:
@@ -203,8 +206,16 @@ def _fingerprint(teacher: torch.nn.Module, data: ImageDataset, trigger: Trigger,
     return digest.hexdigest()
 
 
-def _check_inputs(teacher, data, trigger, config) -> list[int]:
+def check_engine(engine: Engine, config: DistillPoisonConfig) -> None:
+    """Raise ``KDBackdoorError`` if ``config`` asks of ``engine`` what it cannot do (early exit)."""
+    if config.early_exit and not engine.stops_early:
+        raise KDBackdoorError(f"early exit is not supported by the {engine.name} engine (only by: "
+                              f"{', '.join(name for name, cls in ENGINES.items() if cls.stops_early)})")
+
+
+def _check_inputs(teacher, data, trigger, engine, config) -> list[int]:
     check_compatible(teacher, data)
+    check_engine(engine, config)
     k = data.num_classes
     if config.target >= k:
         raise KDBackdoorError(f"target {config.target} out of range for {k} classes")
@@ -240,7 +251,8 @@ def _craft_verified(teacher, data, rows, trigger, engine, config, generator, dev
         if len(todo) == 0:
             break
         attempts += len(todo)
-        crafted = to_uint8(engine.craft(teacher, x[todo], targets[todo], trigger, generator).detach())
+        crafted = to_uint8(engine.craft(teacher, x[todo], targets[todo], trigger, generator,
+                                        config.threshold if config.early_exit else None).detach())
         stored = to_uint8(trigger(crafted.float() / 255))
         ok = (_target_probability(teacher, stored.float() / 255, config.target) >= config.threshold).cpu()
         images[todo[ok]] = stored[ok].cpu()

@@ -32,6 +32,7 @@ class Engine(ABC):
 
     name: ClassVar[str]
     Params: ClassVar[type[EngineParams]]
+    stops_early: ClassVar[bool] = False  # honours craft's stop_probability
 
     def __init__(self, **params) -> None:
         try:
@@ -42,11 +43,14 @@ class Engine(ABC):
 
     @abstractmethod
     def craft(self, teacher: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor,
-              transform: PixelTransform, generator: torch.Generator) -> torch.Tensor:
+              transform: PixelTransform, generator: torch.Generator,
+              stop_probability: float | None = None) -> torch.Tensor:
         """Poisons for source images ``x``: the teacher should label ``transform(x')`` as ``targets``.
 
         The teacher is in eval mode and gets no parameter gradients; ``generator`` (CPU)
-        drives every random choice, so a retry with the same generator draws anew.
+        drives every random choice, so a retry with the same generator draws anew. An engine
+        with ``stops_early`` stops optimising an image once the teacher gives its target at
+        least ``stop_probability``; the others ignore it.
         """
 
     def config(self) -> dict:
@@ -63,7 +67,7 @@ class FGSM(Engine):
     name = "fgsm"
     Params = FGSMParams
 
-    def craft(self, teacher, x, targets, transform, generator):
+    def craft(self, teacher, x, targets, transform, generator, stop_probability=None):
         p = self.params
         return pgd(teacher, x, targets, eps=p.eps, step_size=p.eps, steps=1, targeted=True,
                    random_start=False, transform=transform)
@@ -82,11 +86,13 @@ class PGD(Engine):
 
     name = "pgd"
     Params = PGDParams
+    stops_early = True
 
-    def craft(self, teacher, x, targets, transform, generator):
+    def craft(self, teacher, x, targets, transform, generator, stop_probability=None):
         p = self.params
         return pgd(teacher, x, targets, eps=p.eps, step_size=p.step_size, steps=p.steps, norm=p.norm,
-                   targeted=True, random_start=p.random_start, generator=generator, transform=transform)
+                   targeted=True, random_start=p.random_start, generator=generator, transform=transform,
+                   stop_probability=stop_probability)
 
 
 class CWParams(EngineParams):
@@ -108,7 +114,7 @@ class CW(Engine):
     name = "cw"
     Params = CWParams
 
-    def craft(self, teacher, x, targets, transform, generator):
+    def craft(self, teacher, x, targets, transform, generator, stop_probability=None):
         p = self.params
         x = x.detach()
         n = len(x)
@@ -182,7 +188,7 @@ class Generative(Engine):
         for parameter in self.generator_model.parameters():
             parameter.requires_grad_(False)
 
-    def craft(self, teacher, x, targets, transform, generator):
+    def craft(self, teacher, x, targets, transform, generator, stop_probability=None):
         p = self.params
         z = torch.randn(len(x), self.latent_dim, generator=generator).to(x.device).requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=p.lr)

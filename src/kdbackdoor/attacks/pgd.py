@@ -36,6 +36,7 @@ def pgd(
     random_start: bool = True,
     generator: torch.Generator | None = None,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    stop_probability: float | None = None,
 ) -> torch.Tensor:
     """Perturb pixel-space images ``x`` ([0,1], (N,C,H,W)) within an ``eps`` ball.
 
@@ -44,21 +45,38 @@ def pgd(
     ``transform`` (e.g. a trigger) is applied to the perturbed image before the model, so
     the perturbation is optimised for what the model will see. The model's parameters get
     no gradients and its mode is left as it was (use eval mode for BatchNorm models).
+
+    ``stop_probability`` (targeted only): an image whose current iterate the model gives its
+    target with at least this probability keeps that iterate and leaves the batch, so later
+    steps cost less.
     """
+    if stop_probability is not None and not targeted:
+        raise ValueError("stop_probability applies to targeted PGD only")
     x = x.detach()
     delta = torch.zeros_like(x)
     if random_start:
         noise = torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1
         delta = _project(noise * eps, eps, norm)
-    delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+    delta = (x + delta).clamp(0, 1) - x
     sign = -1.0 if targeted else 1.0
+    # images still being optimised: all (a slice, so no copies), or those not yet at stop_probability
+    active = slice(None) if stop_probability is None else torch.arange(len(x), device=x.device)
     for _ in range(steps):
-        inputs = x + delta
+        x_active, target = x[active], labels[active]
+        if len(x_active) == 0:
+            break
+        d = delta[active].detach().requires_grad_(True)
+        inputs = x_active + d
         logits = model(transform(inputs) if transform is not None else inputs)
-        loss = F.cross_entropy(logits, labels, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, delta)
+        loss = F.cross_entropy(logits, target, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, d)
         with torch.no_grad():
-            delta += sign * step_size * _ascent_direction(grad, norm)
-            delta.copy_(_project(delta, eps, norm))
-            delta.copy_((x + delta).clamp(0, 1) - x)
+            stepped = _project(d + sign * step_size * _ascent_direction(grad, norm), eps, norm)
+            stepped = (x_active + stepped).clamp(0, 1) - x_active
+            if stop_probability is not None:
+                reached = logits.float().softmax(1).gather(1, target[:, None]).squeeze(1) >= stop_probability
+                stepped[reached] = d[reached]
+            delta[active] = stepped
+            if stop_probability is not None:
+                active = active[~reached]
     return (x + delta).detach()

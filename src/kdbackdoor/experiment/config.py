@@ -103,6 +103,8 @@ class PoisonSection(DistillPoisonConfig):
             ENGINES[self.method].Params(**self.engine)
         except ValidationError as exc:
             raise ValueError(describe_errors(exc, ENGINES[self.method].Params, "engine")) from None
+        if self.early_exit and not ENGINES[self.method].stops_early:
+            raise ValueError(f"early_exit: not supported by method {self.method} (only by pgd)")
         return self
 
 
