@@ -275,11 +275,12 @@ def _worker_context(threads: int) -> BaseContext:
 
     On Linux with one torch thread per worker: fork, so a worker starts at once with what this
     process imported. (A forked child hangs only when it enters an OpenMP parallel region after
-    the parent has used one; with one thread it never does.) Otherwise: from a fork server that
-    imports the toolkit once, or spawned where there is none.
+    the parent has used one; with one thread it never does. A CUDA context does not survive a
+    fork, so not once this process has one.) Otherwise: from a fork server that imports the
+    toolkit once, or spawned where there is none.
     """
     methods = get_all_start_methods()
-    if threads == 1 and sys.platform == "linux" and "fork" in methods:
+    if threads == 1 and sys.platform == "linux" and "fork" in methods and not torch.cuda.is_initialized():
         return get_context("fork")
     if "forkserver" in methods:
         context = get_context("forkserver")
