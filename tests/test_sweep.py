@@ -15,6 +15,7 @@ from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.experiment.config import apply_overrides, validate_config
 from kdbackdoor.experiment.index import read_index, update_index
 from kdbackdoor.experiment.runner import run_experiment
+from kdbackdoor.experiment import sweep as sweep_module
 from kdbackdoor.experiment.sweep import SweepSpec, expand, load_sweep, run_sweep
 
 FAST = {"epochs": 1, "batch_size": 64, "lr": 0.05, "crop_padding": 0, "hflip": False, "eval_every": 0}
@@ -161,6 +162,15 @@ def test_jobs_2_runs_every_run_once_with_its_own_log(tmp_path):
         assert log_text.count(" started") == 1 and f"run {run.run_id} (" in log_text
         assert log_text.count(" complete: ") == 1
     assert run_sweep(spec, runs, results, jobs=2, progress=False).completed == []
+
+
+@pytest.mark.slow  # the fork server imports the toolkit first: about 45 s here
+def test_workers_with_several_threads_come_from_the_fork_server(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # two threads per worker: forking is not safe
+    assert sweep_module._worker_context(2).get_start_method() == "forkserver"
+    spec, runs = load_sweep(sweep_file(tmp_path, "fs", "grid: {distill.kd.kd_lambda: [0.0, 1.0]}\n"))
+    result = run_sweep(spec, runs, tmp_path / "results", jobs=2, progress=False)
+    assert not result.failed and sorted(result.completed) == sorted(run.run_id for run in runs)
 
 
 def in_processes(calls, timeout: float = 900) -> None:
