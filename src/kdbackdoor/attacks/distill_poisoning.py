@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kdbackdoor.atomic import atomic_path
-from kdbackdoor.attacks.engines import ENGINES, Engine
+from kdbackdoor.attacks.engines import EARLY_EXIT_ENGINES, Engine
 from kdbackdoor.attacks.injection import InjectionMode, inject_poisons, poison_count
 from kdbackdoor.data.dataset import ImageDataset, to_uint8
 from kdbackdoor.errors import KDBackdoorError
@@ -210,7 +210,7 @@ def check_engine(engine: Engine, config: DistillPoisonConfig) -> None:
     """Raise ``KDBackdoorError`` if ``config`` asks of ``engine`` what it cannot do (early exit)."""
     if config.early_exit and not engine.stops_early:
         raise KDBackdoorError(f"early exit is not supported by the {engine.name} engine (only by: "
-                              f"{', '.join(name for name, cls in ENGINES.items() if cls.stops_early)})")
+                              f"{EARLY_EXIT_ENGINES})")
 
 
 def _check_inputs(teacher, data, trigger, engine, config) -> list[int]:

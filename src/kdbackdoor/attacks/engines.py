@@ -207,6 +207,8 @@ class Generative(Engine):
 
 
 ENGINES: dict[str, type[Engine]] = {engine.name: engine for engine in (FGSM, PGD, CW, Generative)}
+EARLY_EXIT_ENGINES = ", ".join(name for name, engine in ENGINES.items() if engine.stops_early)
+"""Names of the engines that honour ``stop_probability`` (early exit), for messages."""
 
 
 def build_engine(name: str, generator_model: torch.nn.Module | None = None, **params) -> Engine:

@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdbackdoor.attacks.distill_poisoning import DistillPoisonConfig
-from kdbackdoor.attacks.engines import ENGINES
+from kdbackdoor.attacks.engines import EARLY_EXIT_ENGINES, ENGINES
 from kdbackdoor.attacks.teacher_poisoning import PoisonConfig
 from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
 from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
@@ -104,7 +104,7 @@ class PoisonSection(DistillPoisonConfig):
         except ValidationError as exc:
             raise ValueError(describe_errors(exc, ENGINES[self.method].Params, "engine")) from None
         if self.early_exit and not ENGINES[self.method].stops_early:
-            raise ValueError(f"early_exit: not supported by method {self.method} (only by pgd)")
+            raise ValueError(f"early_exit: not supported by method {self.method} (only by {EARLY_EXIT_ENGINES})")
         return self
 
 
