@@ -3,7 +3,7 @@ import torch
 
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models import build_model
-from kdbackdoor.runtime import seed_everything
+from kdbackdoor.runtime import channels_last, seed_everything
 from kdbackdoor.training import STATE_FILE, TrainConfig, cross_entropy_loss, fit, lr_factor
 
 
@@ -39,6 +39,20 @@ def test_fit_learns_digits(digits, tmp_path):
     assert history[-1]["loss"] < history[0]["loss"]
     assert history[-1]["test_acc"] > 0.85
     assert (tmp_path / STATE_FILE).exists()
+
+
+def test_fit_trains_in_channels_last_layout_and_the_layout_leaves_outputs_unchanged(digits, tmp_path):
+    model, _ = _train(digits, tmp_path, epochs=1)
+    conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]  # many input channels
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()  # really NHWC, not a layout both orders share
+
+    seed_everything(0)
+    plain = build_model("wrn-16-1", num_classes=10, in_channels=3, input_size=(32, 32)).eval()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    before = plain(x)
+    after = channels_last(plain)(x)
+    assert torch.allclose(before, after, atol=1e-5)
 
 
 def test_same_seed_same_numbers(digits, tmp_path):

@@ -23,7 +23,7 @@ from kdbackdoor.data.augment import augment
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.evaluate import accuracy
-from kdbackdoor.runtime import Seed, autocast, cpu_generator
+from kdbackdoor.runtime import Seed, autocast, channels_last, cpu_generator
 
 STATE_FILE = "train_state.pt"
 
@@ -113,7 +113,7 @@ def fit(
         raise KDBackdoorError(
             f"{out_dir} already holds a training state; pass --resume to continue it, or choose another --out"
         )
-    model.to(device)
+    channels_last(model.to(device))
     train = train.to(device)
     if test is not None:
         test = test.to(device)
@@ -152,7 +152,7 @@ def fit(
             batches = train.batches(config.batch_size, shuffle=True, generator=generator)
             for step, (x, y, idx) in enumerate(batches):
                 x = augment(x, crop_padding=config.crop_padding, hflip=config.hflip, cutmix_p=config.cutmix,
-                            generator=generator)
+                            generator=generator).contiguous(memory_format=torch.channels_last)
                 with autocast(device):
                     loss, logits = loss_fn(model, x, y, idx)
                 optimizer.zero_grad(set_to_none=True)

@@ -45,7 +45,7 @@ from kdbackdoor.image_grid import save_image_batch
 from kdbackdoor.models import build_model, save_checkpoint
 from kdbackdoor.models.features import forward_with_features
 from kdbackdoor.models.generator import save_generator
-from kdbackdoor.runtime import Seed, autocast, cpu_generator, seed_everything
+from kdbackdoor.runtime import Seed, autocast, channels_last, cpu_generator, seed_everything
 
 STATE_FILE = "train_state.pt"
 GENERATOR_FILE = "generator/generator.safetensors"  # a subfolder: the run folder holds one model
@@ -150,10 +150,11 @@ def distill_data_free(
     image_shape = (teacher.in_channels, *teacher.input_size)
     if tuple(test.image_shape) != image_shape:
         raise KDBackdoorError(f"the teacher was built for {image_shape} images but the test set has {test.image_shape}")
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher = channels_last(teacher.to(device)).eval().requires_grad_(False)
     seed_everything(config.seed)
     student = build_model(student_arch, num_classes=teacher.num_classes, in_channels=image_shape[0],
-                          input_size=image_shape[1:]).to(device)
+                          input_size=image_shape[1:])
+    student = channels_last(student.to(device))
     defense = defense or DistillDefense()
     run = _Run(teacher, student, image_shape, config, device, defense)
     history: list[dict] = []

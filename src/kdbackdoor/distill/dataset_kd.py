@@ -27,7 +27,7 @@ from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.evaluate import check_compatible, model_metrics
 from kdbackdoor.models import build_model, load_checkpoint, save_checkpoint
 from kdbackdoor.run_record import environment, file_checksums
-from kdbackdoor.runtime import seed_everything
+from kdbackdoor.runtime import channels_last, seed_everything
 from kdbackdoor.training import TrainConfig, fit
 from kdbackdoor.triggers import Trigger
 
@@ -111,7 +111,7 @@ def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, dev
     seed_everything(config.seed)
     c, h, w = train.image_shape
     student = build_model(student_arch, num_classes=test.num_classes, in_channels=c, input_size=(h, w)).to(device)
-    teacher = teacher.to(device).eval()
+    teacher = channels_last(teacher.to(device)).eval()
     targets = teacher if robust is None else RobustTeacher(teacher, robust)
     augmented = config.crop_padding > 0 or config.hflip or config.cutmix > 0
     # without augmentation every row always looks the same: the teacher runs once per row, not per epoch
