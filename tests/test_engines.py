@@ -137,6 +137,33 @@ def test_generator_checkpoint_round_trip_and_rejections(digits_generator, tmp_pa
         ImageGenerator(8, (3, 30, 30))
 
 
+def test_batchnorm_generator_reads_its_output_in_the_teachers_normalised_space(tmp_path):
+    mean, std = [0.4, 0.5, 0.6], [0.05, 0.06, 0.07]  # 5 stds from 0 and 1: clipping leaves the moments alone
+    torch.manual_seed(0)
+    generator = ImageGenerator(8, (3, 8, 8), width=16, output="batchnorm", mean=mean, std=std)
+    x = generator(torch.randn(256, 8))  # train mode: the last BatchNorm standardises each channel over the batch
+    assert torch.allclose(x.mean((0, 2, 3)), torch.tensor(mean), atol=1e-4)
+    assert torch.allclose(x.std((0, 2, 3)), torch.tensor(std), rtol=0.01)
+    wide = ImageGenerator(8, (3, 8, 8), width=16, output="batchnorm", mean=[0.5] * 3, std=[0.5] * 3)
+    x = wide(torch.randn(256, 8))
+    saturated = float(((x == 0) | (x == 1)).float().mean())
+    assert x.min() >= 0 and x.max() <= 1 and saturated > 0.2  # black and white pixels come easily
+    sigmoid = ImageGenerator(8, (3, 8, 8), width=16)(torch.randn(256, 8))
+    assert float(((sigmoid == 0) | (sigmoid == 1)).float().mean()) == 0
+
+    generator.eval()
+    path = save_generator(generator, tmp_path / "g")
+    loaded = load_generator(path)
+    z = torch.randn(4, 8)
+    assert loaded.output == "batchnorm"
+    with torch.no_grad():
+        assert torch.allclose(loaded(z), generator(z))
+    with pytest.raises(KDBackdoorError, match="sigmoid or batchnorm"):
+        ImageGenerator(8, (3, 8, 8), output="tanh")
+    with pytest.raises(KDBackdoorError, match="positive stds"):
+        ImageGenerator(8, (3, 8, 8), output="batchnorm", mean=[0.5], std=[0.5])
+
+
 def test_bad_engine_requests_are_refused():
     with pytest.raises(KDBackdoorError, match="unknown engine"):
         build_engine("deepfool")

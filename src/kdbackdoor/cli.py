@@ -373,6 +373,9 @@ def distill_cmd(
                                                 "deepinversion/cmi 2000)", rich_help_panel=DATA_FREE),
     latent_dim: Optional[int] = typer.Option(None, min=1, help="generator latent size (zskt 100, dfad/cmi 256)",
                                              rich_help_panel=DATA_FREE),
+    generator_output: str = typer.Option(
+        "batchnorm", help="last layer of the zskt/dfad generator: batchnorm (as ZSKT and ABD; images made in the "
+        "teacher's normalised space, then clipped to [0, 1]) or sigmoid", rich_help_panel=DATA_FREE),
     synthesis_lr: Optional[float] = typer.Option(None, help="Adam step of the generator (1e-3) or of the pixels "
                                                  "(deepinversion 0.05)", rich_help_panel=DATA_FREE),
     student_lr: Optional[float] = typer.Option(None, help="student step (zskt Adam 2e-3, others SGD 0.1)",
@@ -415,7 +418,7 @@ def distill_cmd(
         data_free_config = _validated(
             DataFreeConfig, method=method, iterations=iterations, batch_size=batch_size,
             synthesis_batch_size=synthesis_batch_size, synthesis_steps=synthesis_steps, synthesis_lr=synthesis_lr,
-            latent_dim=latent_dim, student_lr=student_lr, student_steps=student_steps, temperature=temperature,
+            latent_dim=latent_dim, generator_output=generator_output, student_lr=student_lr, student_steps=student_steps, temperature=temperature,
             attention_beta=attention_beta, bn_weight=bn_weight, onehot_weight=onehot_weight, adv_weight=adv_weight,
             tv_weight=tv_weight, contrastive_weight=contrastive_weight, pool_size=pool_size,
             save_samples=save_samples, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)

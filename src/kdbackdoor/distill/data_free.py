@@ -44,7 +44,7 @@ from kdbackdoor.evaluate import accuracy, check_compatible
 from kdbackdoor.image_grid import save_image_batch
 from kdbackdoor.models import build_model, save_checkpoint
 from kdbackdoor.models.features import forward_with_features
-from kdbackdoor.models.generator import save_generator
+from kdbackdoor.models.generator import GeneratorOutput, save_generator
 from kdbackdoor.runtime import Seed, autocast, channels_last, cpu_generator, seed_everything
 
 STATE_FILE = "train_state.pt"
@@ -87,6 +87,9 @@ class DataFreeConfig(BaseModel):
                                        "deepinversion)")
     latent_dim: int | None = Field(None, ge=1)
     generator_width: int = Field(64, ge=4, description="channels of the generator's first feature map")
+    generator_output: GeneratorOutput = Field(
+        "batchnorm", description="last layer of the zskt/dfad generator: batchnorm (as ZSKT and ABD: images made in the "
+        "teacher's normalised space, then clipped to pixel range) or sigmoid")
     student_lr: float | None = Field(None, gt=0)
     student_optimizer: Literal["adam", "sgd"] | None = None
     student_steps: int | None = Field(None, ge=1, description="student steps per iteration")

@@ -20,7 +20,10 @@ class AdversarialGenerator(Synthesizer):
     def __init__(self, context: SynthesisContext) -> None:
         super().__init__(context)
         config = context.config
-        self.generator = ImageGenerator(config.latent_dim, context.image_shape, config.generator_width).to(context.device)
+        teacher = context.teacher
+        self.generator = ImageGenerator(config.latent_dim, context.image_shape, config.generator_width,
+                                        output=config.generator_output, mean=teacher.mean.flatten().tolist(),
+                                        std=teacher.std.flatten().tolist()).to(context.device)
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.synthesis_lr)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.iterations)
         self._latest = torch.empty(0)
