@@ -44,6 +44,19 @@ def test_train_teacher_writes_checkpoint_metrics_and_provenance(backdoored):
     assert 0 <= record["metrics"]["asr"] <= 1 and record["metrics"]["acc"] > 0.5
 
 
+def test_compile_flag_trains_through_torch_compile(monkeypatch, capsys, tmp_path):
+    """--compile hands the model to torch.compile for the training steps (a stand-in here: compiling
+    takes minutes on CPU; the slow test in test_training.py compiles for real)."""
+    import torch
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    code, _, err = run(monkeypatch, capsys, "train-teacher", "--dataset", "digits", "--arch", "small-cnn",
+                       "--out", tmp_path / "t", "--compile", *FAST)
+    assert code == 0, err
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["config"]["compile"] is True
+
+
 def test_evaluate_takes_trigger_and_data_from_the_sidecar(backdoored, monkeypatch, capsys, tmp_path):
     code, out, _ = run(monkeypatch, capsys, "evaluate", "--model", backdoored / "model.safetensors",
                        "--out", tmp_path / "eval.json")

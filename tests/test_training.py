@@ -24,9 +24,9 @@ def test_other_schedules():
     assert lr_factor("constant", 99, 100, 0) == 1.0
 
 
-def _train(digits, out, epochs=3, **kwargs):
+def _train(digits, out, epochs=3, compile=False, **kwargs):
     train, test = digits
-    config = TrainConfig(epochs=epochs, batch_size=64, lr=0.05, crop_padding=1, hflip=False, seed=3)
+    config = TrainConfig(epochs=epochs, batch_size=64, lr=0.05, crop_padding=1, hflip=False, seed=3, compile=compile)
     seed_everything(config.seed)
     model = build_model("small-cnn", num_classes=10, in_channels=1, input_size=(8, 8))
     history = fit(model, train, config, out, loss_fn=cross_entropy_loss(), test=test,
@@ -53,6 +53,16 @@ def test_fit_trains_in_channels_last_layout_and_the_layout_leaves_outputs_unchan
     before = plain(x)
     after = channels_last(plain)(x)
     assert torch.allclose(before, after, atol=1e-5)
+
+
+@pytest.mark.slow  # compiling takes minutes on CPU
+def test_compiled_training_learns_like_eager_training(digits, tmp_path):
+    eager, eager_history = _train(digits, tmp_path / "eager", epochs=2)
+    compiled, compiled_history = _train(digits, tmp_path / "compiled", epochs=2, compile=True)
+    assert compiled_history[-1]["test_acc"] > 0.5  # chance is 0.1; 2 epochs give about 0.7
+    assert abs(compiled_history[-1]["loss"] - eager_history[-1]["loss"]) < 0.05  # same recipe, same seed
+    assert abs(compiled_history[-1]["test_acc"] - eager_history[-1]["test_acc"]) < 0.05
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # saved as the plain model
 
 
 def test_same_seed_same_numbers(digits, tmp_path):

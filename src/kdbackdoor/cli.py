@@ -39,6 +39,8 @@ LABEL_SMOOTHING = typer.Option(0.0)
 CROP_PADDING = typer.Option(4, help="random-crop padding in px (0 disables)")
 HFLIP = typer.Option(True, help="random horizontal flips")
 EVAL_EVERY = typer.Option(1, help="test accuracy every N epochs (0: at the end only)")
+COMPILE = typer.Option(False, "--compile", help="torch.compile the model for training: faster steps after "
+                       "minutes of compilation; for long runs, above all on CUDA")
 SEED = typer.Option(0)
 DATA_DIR = typer.Option(None, help="where cifar/gtsrb files are (else the cache/download)")
 RESIZE = typer.Option(None, help="resize images to this many px (square)")
@@ -73,6 +75,7 @@ def train_teacher_cmd(
     crop_padding: int = CROP_PADDING,
     hflip: bool = HFLIP,
     eval_every: int = EVAL_EVERY,
+    compile_model: bool = COMPILE,
     seed: int = SEED,
     data_dir: Optional[Path] = DATA_DIR,
     resize: Optional[int] = RESIZE,
@@ -102,7 +105,7 @@ def train_teacher_cmd(
     from kdbackdoor.teacher import train_teacher
 
     config = _train_config(epochs, batch_size, lr, weight_decay, schedule, label_smoothing, crop_padding, hflip,
-                           eval_every, seed)
+                           eval_every, seed, compile_model=compile_model)
     poison = _validated(PoisonConfig, {"rate": "--poison-rate", "mode": "--poison-mode", "style": "--poison-style"},
                         target=target, rate=poison_rate, mode=poison_mode, style=poison_style, adv_eps=adv_eps,
                         seed=seed)
@@ -355,6 +358,7 @@ def distill_cmd(
     crop_padding: int = CROP_PADDING,
     hflip: bool = HFLIP,
     eval_every: int = EVAL_EVERY,
+    compile_model: bool = COMPILE,
     seed: int = SEED,
     data_dir: Optional[Path] = DATA_DIR,
     resize: Optional[int] = RESIZE,
@@ -434,7 +438,7 @@ def distill_cmd(
         raise KDBackdoorError("--method ood distils on images whose labels mean nothing to the teacher: "
                               "it needs --kd-lambda 1")
     config = _train_config(epochs, batch_size, lr, weight_decay, schedule, label_smoothing, crop_padding, hflip,
-                           eval_every, seed, cutmix)
+                           eval_every, seed, cutmix, compile_model)
     kd = _validated(KDConfig, kd_lambda=kd_lambda if kd_lambda is not None else (1.0 if method == "ood" else 0.5),
                     temperature=4.0 if temperature is None else temperature)
     dev = select_device(device)
@@ -1119,11 +1123,11 @@ def _model_dir(path: Path) -> Path:
 
 
 def _train_config(epochs, batch_size, lr, weight_decay, schedule, label_smoothing, crop_padding, hflip,
-                  eval_every, seed, cutmix=0.0):
+                  eval_every, seed, cutmix=0.0, compile_model=False):
     from kdbackdoor.training import TrainConfig
     return _validated(TrainConfig, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       schedule=schedule, label_smoothing=label_smoothing, crop_padding=crop_padding,
-                      hflip=hflip, cutmix=cutmix, eval_every=eval_every, seed=seed)
+                      hflip=hflip, cutmix=cutmix, eval_every=eval_every, seed=seed, compile=compile_model)
 
 
 def _validated(model_cls, options: Optional[dict[str, str]] = None, **values):

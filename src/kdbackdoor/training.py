@@ -52,6 +52,8 @@ class TrainConfig(BaseModel):
     cutmix: float = Field(0.0, ge=0, le=1, description="probability that an image gets a box pasted from "
                           "another one; labels are not mixed, so only for losses that ignore them (KD, λ = 1)")
     eval_every: int = Field(1, ge=0, description="evaluate test ACC every N epochs (0: only at the end)")
+    compile: bool = Field(False, description="torch.compile the model for its training steps: faster steps after "
+                          "minutes of compilation (and again for the smaller last batch); for long runs")
     seed: Seed = 0
 
 
@@ -70,12 +72,16 @@ def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum; no weight decay on BatchNorm parameters and biases."""
+    """SGD with momentum; no weight decay on BatchNorm parameters and biases.
+
+    Fused: one kernel updates every parameter (on CPU about 2-20x faster per step than the
+    per-tensor loop; a small share of a training step either way).
+    """
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
     return torch.optim.SGD(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0,
+        lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0, fused=True,
     )
 
 
@@ -118,6 +124,7 @@ def fit(
     if test is not None:
         test = test.to(device)
     optimizer = make_optimizer(model, config)
+    step_model = torch.compile(model) if config.compile else model  # shares model's parameters and mode
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -154,7 +161,7 @@ def fit(
                 x = augment(x, crop_padding=config.crop_padding, hflip=config.hflip, cutmix_p=config.cutmix,
                             generator=generator).contiguous(memory_format=torch.channels_last)
                 with autocast(device):
-                    loss, logits = loss_fn(model, x, y, idx)
+                    loss, logits = loss_fn(step_model, x, y, idx)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
