@@ -422,7 +422,8 @@ def distill_cmd(
         data_free_config = _validated(
             DataFreeConfig, method=method, iterations=iterations, batch_size=batch_size,
             synthesis_batch_size=synthesis_batch_size, synthesis_steps=synthesis_steps, synthesis_lr=synthesis_lr,
-            latent_dim=latent_dim, generator_output=generator_output, student_lr=student_lr, student_steps=student_steps, temperature=temperature,
+            latent_dim=latent_dim, generator_output=generator_output, student_lr=student_lr,
+            student_steps=student_steps, temperature=temperature,
             attention_beta=attention_beta, bn_weight=bn_weight, onehot_weight=onehot_weight, adv_weight=adv_weight,
             tv_weight=tv_weight, contrastive_weight=contrastive_weight, pool_size=pool_size,
             save_samples=save_samples, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)
