@@ -129,6 +129,30 @@ def test_self_retrospection_step_learns_and_keeps_batchnorm_statistics(digits_te
     assert weights_differ  # the unlearning gradient was applied on top of the plain one
 
 
+def test_self_retrospection_unlearns_an_inherited_backdoor(backdoored_digits_teacher, digits):
+    """Fine-tune a copy of a backdoored model by distillation from it on clean images: plain steps
+    keep the backdoor, Self-Retrospection (default settings) removes most of it and keeps ACC."""
+    import copy
+    from kdbackdoor.evaluate import accuracy, attack_success_rate
+    teacher, trigger, _ = backdoored_digits_teacher
+    train, test = digits
+    results = {}
+    for defended in (False, True):
+        student = copy.deepcopy(teacher).train().requires_grad_(True)
+        step = StudentStep(student, teacher, torch.optim.Adam(student.parameters(), lr=1e-3),
+                           lambda x, w: output_change(student(x), teacher(x)))
+        defense = SelfRetrospection()
+        defense.setup(teacher, student, CPU)
+        draws = torch.Generator().manual_seed(0)
+        for _ in range(30):
+            images = train.pixels(torch.randint(len(train), (32,), generator=draws))
+            defense.student_step(step, images, None) if defended else step.run(images)
+        student.eval()
+        results[defended] = (accuracy(student, test)["acc"], attack_success_rate(student, test, trigger, 0)["asr"])
+    assert results[False][1] >= 0.9  # plain distillation keeps the backdoor
+    assert results[True][1] <= 0.5 and results[True][0] >= 0.85, results
+
+
 def test_self_retrospection_waits_for_its_start(digits_teacher):
     defense = SelfRetrospection(SelfRetrospectionConfig(start=0.5))
     defense.on_iteration(4, 10)

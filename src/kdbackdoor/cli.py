@@ -339,7 +339,7 @@ def distill_cmd(
                                      rich_help_panel=DEFENSE),
     sr_start: float = typer.Option(0.0, help="sr/abd: share of the iterations before Self-Retrospection starts "
                                    "(e.g. 0.9: a final fine-tuning phase)", rich_help_panel=DEFENSE),
-    sr_perturb_model: str = typer.Option("student", help="sr/abd: student | teacher, whose output the "
+    sr_perturb_model: str = typer.Option("teacher", help="sr/abd: teacher | student, whose output the "
                                          "perturbation changes", rich_help_panel=DEFENSE),
     views: str = typer.Option("crop-flip,jpeg", help="robust-kd: what each view applies, in order, "
                               "comma-separated: noise, blur, jpeg, crop-flip", rich_help_panel=DEFENSE),
