@@ -161,6 +161,22 @@ def test_self_retrospection_waits_for_its_start(digits_teacher):
     assert defense.active
 
 
+def test_self_retrospection_phase_restarts_the_learning_rate_with_a_cosine(digits_teacher):
+    import math
+    images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for phase_lr, expected in ((1e-3, [1e-3, 1e-3 * (1 + math.cos(math.pi * 0.8)) / 2]), (None, [0.1, 0.1])):
+        student = build_model("small-cnn", num_classes=10, in_channels=1, input_size=(8, 8)).train()
+        step = _student_step(student, digits_teacher)
+        defense = SelfRetrospection(SelfRetrospectionConfig(rounds=1, start=0.5, phase_lr=phase_lr))
+        defense.setup(digits_teacher, student, CPU)
+        seen = []
+        for iteration in (5, 9):  # the phase is iterations 5-9 of 10
+            defense.on_iteration(iteration, 10)
+            defense.student_step(step, images, None)
+            seen.append(step.optimizer.param_groups[0]["lr"])
+        assert seen == pytest.approx(expected), phase_lr
+
+
 def test_perturbation_search_finds_a_larger_change_than_random_noise(digits_teacher, digits):
     images = digits[1].pixels(torch.arange(64))
     defense = SelfRetrospection(SelfRetrospectionConfig(rounds=20))

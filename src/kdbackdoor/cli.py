@@ -339,6 +339,9 @@ def distill_cmd(
                                      rich_help_panel=DEFENSE),
     sr_start: float = typer.Option(0.0, help="sr/abd: share of the iterations before Self-Retrospection starts "
                                    "(e.g. 0.9: a final fine-tuning phase)", rich_help_panel=DEFENSE),
+    sr_phase_lr: float = typer.Option(5e-4, min=0, help="sr/abd with --sr-start > 0: the student's learning rate "
+                                      "when Self-Retrospection starts, cosine-decayed to 0 (ABD's fine-tuning "
+                                      "phase); 0 keeps the run's own schedule", rich_help_panel=DEFENSE),
     sr_perturb_model: str = typer.Option("teacher", help="sr/abd: teacher | student, whose output the "
                                          "perturbation changes", rich_help_panel=DEFENSE),
     views: str = typer.Option("crop-flip,jpeg", help="robust-kd: what each view applies, in order, "
@@ -429,7 +432,7 @@ def distill_cmd(
             save_samples=save_samples, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)
         _start_run(out, resume, deterministic)
         data_free_defense = _data_free_defense(defense, sv_coefficient, sv_copies, sv_layers, sv_tail_test, sr_rounds,
-                                               sr_portion, sr_start, sr_perturb_model, seed)
+                                               sr_portion, sr_start, sr_phase_lr, sr_perturb_model, seed)
         _distill_data_free(teacher, student_arch, data_free_config, data_free_defense, test_data, data_dir, resize,
                            trigger, target, evaluate_teacher, out, device, resume, progress)
         return
@@ -985,14 +988,14 @@ def _vaccine_config(sv_coefficient, sv_copies, sv_layers, sv_tail_test, seed):
 
 
 def _data_free_defense(defense, sv_coefficient, sv_copies, sv_layers, sv_tail_test, sr_rounds, sr_portion,
-                       sr_start, sr_perturb_model, seed):
+                       sr_start, sr_phase_lr, sr_perturb_model, seed):
     """The ABD defense object for ``--defense abd|sv|sr`` (None for none), settings validated."""
     from kdbackdoor.defenses.abd import build_data_free_defense
     from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
     retrospection = _validated(SelfRetrospectionConfig,
                                {f: f"--sr-{f.replace('_', '-')}" for f in SelfRetrospectionConfig.model_fields},
                                rounds=sr_rounds, portion=sr_portion, start=sr_start,
-                               perturb_model=sr_perturb_model, seed=seed)
+                               phase_lr=sr_phase_lr or None, perturb_model=sr_perturb_model, seed=seed)
     return build_data_free_defense(defense, _vaccine_config(sv_coefficient, sv_copies, sv_layers, sv_tail_test, seed),
                                    retrospection)
 

@@ -14,8 +14,10 @@ At each student step, on the synthetic batch x (pixel [0, 1]):
 3. add the usual distillation gradient on x and take the optimiser step.
 
 The perturbed passes run with the student's BatchNorm running statistics preserved. With
-``start`` > 0 the defense stays idle for that share of the iterations, so it can be used as a
-short final fine-tuning phase as in ABD.
+``start`` > 0 the defense stays idle for that share of the iterations and then acts as a short
+final fine-tuning phase, as in ABD: the student's learning rate restarts at ``phase_lr`` and
+decays by cosine to 0 over the phase (with the run's own, nearly finished schedule the
+unlearning barely moves the student).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ class SelfRetrospectionConfig(BaseModel):
     fixed_point_iterations: int = Field(5, ge=1)
     l2: float = Field(1e-3, ge=0, description="penalty on ‖δ‖² in the inner problem")
     start: float = Field(0.0, ge=0, lt=1, description="share of the iterations before the defense starts")
+    phase_lr: float | None = Field(5e-4, gt=0, description="with start > 0: the student's learning rate when the "
+                                   "defense starts, cosine-decayed to 0 by the last iteration (ABD restarts its "
+                                   "optimiser at 5e-4 for this phase); None keeps the run's schedule")
     seed: Seed = 0
 
 
@@ -68,6 +73,7 @@ class SelfRetrospection(DistillDefense):
         self.config = config or SelfRetrospectionConfig()
         self.rng = cpu_generator(self.config.seed)
         self.active = self.config.start == 0
+        self.phase_progress: float | None = None  # share of the SR phase done, when it has its own lr
         self.steps = 0
         self.last_change = 0.0
 
@@ -75,7 +81,10 @@ class SelfRetrospection(DistillDefense):
         self.teacher = teacher
 
     def on_iteration(self, iteration: int, total: int) -> None:
-        self.active = iteration >= math.floor(self.config.start * total)
+        first = math.floor(self.config.start * total)
+        self.active = iteration >= first
+        if self.active and self.config.start > 0 and self.config.phase_lr is not None:
+            self.phase_progress = (iteration - first) / (total - first)
 
     def student_step(self, step: StudentStep, images: torch.Tensor, weights: torch.Tensor | None) -> float | None:
         if not self.active:
@@ -88,6 +97,9 @@ class SelfRetrospection(DistillDefense):
             grads = implicit_hypergradient(params, delta, lambda d: self._inner_loss(student, images, d),
                                            lambda d: self._outer_loss(student, images, d),
                                            inner_lr=self.config.inner_lr, iterations=self.config.fixed_point_iterations)
+        if self.phase_progress is not None:  # overrides the run's schedule for the whole phase
+            for group in step.optimizer.param_groups:
+                group["lr"] = self.config.phase_lr * (1 + math.cos(math.pi * self.phase_progress)) / 2
         step.optimizer.zero_grad(set_to_none=True)
         loss = step.loss(images, weights)
         loss.backward()
