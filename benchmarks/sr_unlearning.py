@@ -8,7 +8,7 @@ student, the same latents and seed. Reports ACC and ASR (the teacher's recorded 
 target) after plain fine-tuning and after fine-tuning with SR in each setting. This isolates
 SR from the rest of ABD: no vaccine, the same synthetic images for every variant.
 
-Usage (digits, about 3 min per SR variant on one quiet core):
+Usage (digits, about 3 min per SR variant on one quiet CPU core; CUDA when present):
   python benchmarks/sr_unlearning.py --teacher runs/digits-badnets-grid \\
       --run runs/bench-transfer-digits-s6/zskt-none
 """
@@ -16,6 +16,7 @@ Usage (digits, about 3 min per SR variant on one quiet core):
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from kdbackdoor.distill.hooks import StudentStep
 from kdbackdoor.evaluate import accuracy, attack_success_rate
 from kdbackdoor.models import load_checkpoint
 from kdbackdoor.models.generator import load_generator
+from kdbackdoor.runtime import select_device
 
 # name -> SR settings (None: plain fine-tuning)
 VARIANTS = {
@@ -40,20 +42,20 @@ VARIANTS = {
 }
 
 
-def fine_tune(teacher, run: Path, generator, settings: dict | None, steps: int, lr: float, batch_size: int,
-              seed: int) -> torch.nn.Module:
-    """A copy of the run's student after ``steps`` fine-tuning steps (with SR when ``settings``)."""
-    student, _ = load_checkpoint(run, device="cpu")
-    student.train()
+def fine_tune(teacher, start: torch.nn.Module, generator, settings: dict | None, steps: int, lr: float,
+              batch_size: int, seed: int) -> torch.nn.Module:
+    """A copy of the ``start`` student after ``steps`` fine-tuning steps (with SR when ``settings``)."""
+    student = copy.deepcopy(start).train()
+    device = next(student.parameters()).device
     step = StudentStep(student, teacher, torch.optim.Adam(student.parameters(), lr=lr),
                        lambda x, w: output_change(student(x), teacher(x)))
     defense = SelfRetrospection(SelfRetrospectionConfig(**settings, seed=seed)) if settings is not None else None
     if defense:
-        defense.setup(teacher, student, torch.device("cpu"))
+        defense.setup(teacher, student, device)
     latents = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         with torch.no_grad():
-            images = generator(torch.randn(batch_size, generator.latent_dim, generator=latents))
+            images = generator(torch.randn(batch_size, generator.latent_dim, generator=latents).to(device))
         defense.student_step(step, images, None) if defense else step.run(images)
     return student.eval()
 
@@ -68,18 +70,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    teacher, sidecar = load_checkpoint(args.teacher, device="cpu")
+    device = select_device("auto")
+    teacher, sidecar = load_checkpoint(args.teacher, device=device)
     teacher.requires_grad_(False)
     backdoor = teacher_backdoor(sidecar)
     dataset = sidecar["metadata"]["dataset"]
     test = load_dataset(dataset["spec"], "test", data_dir=dataset.get("data_dir"), resize=dataset.get("resize"))
-    generator = load_generator(args.run / "generator" / "generator.safetensors").eval()
-    student, _ = load_checkpoint(args.run, device="cpu")
+    generator = load_generator(args.run / "generator" / "generator.safetensors", device=device).eval()
+    student, _ = load_checkpoint(args.run, device=device)
     rows = {"start": {"acc": accuracy(student, test)["acc"],
                       "asr": attack_success_rate(student, test, backdoor.trigger, backdoor.target)["asr"]}}
     for name in args.variants:
         started = time.perf_counter()
-        tuned = fine_tune(teacher, args.run, generator, VARIANTS[name], args.steps, args.lr, args.batch_size,
+        tuned = fine_tune(teacher, student, generator, VARIANTS[name], args.steps, args.lr, args.batch_size,
                           args.seed)
         rows[name] = {"settings": VARIANTS[name], "seconds": time.perf_counter() - started,
                       "acc": accuracy(tuned, test)["acc"],
