@@ -101,6 +101,17 @@ def test_listing_commands(monkeypatch, capsys):
     assert "digits" in run(monkeypatch, capsys, "datasets")[1]
 
 
+def test_help_rewraps_docstrings_and_lists_each_engine_and_filter_on_its_own_line(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "200")  # wide enough that a docstring's own line breaks would show
+    code, out, _ = run(monkeypatch, capsys, "run", "--help")
+    assert code == 0 and "config key (see docs/experiments.md)" in out  # broken across two source lines
+    out = run(monkeypatch, capsys, "poison-distill", "--help")[1]
+    assert len([line for line in out.splitlines() if line.strip().startswith(("• fgsm:", "• pgd:", "• cw:",
+                                                                               "• generative:"))]) == 4
+    out = run(monkeypatch, capsys, "audit-data", "--help")[1]
+    assert any(line.strip().startswith("• label-disagreement:") for line in out.splitlines())
+
+
 @pytest.mark.parametrize("args, message", [
     (["train-teacher", "--dataset", "mnist"], "unknown"),
     (["train-teacher", "--arch", "resnet1000"], "resnet1000"),

@@ -19,6 +19,7 @@ app = typer.Typer(
     help="Attack, defend and audit knowledge distillation against backdoors.\n\n"
     "Images are pixel-space [0,1] tensors; data sets are loaded once into memory as uint8.",
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    rich_markup_mode="markdown",  # docstrings rewrap to the terminal instead of keeping their line breaks
 )
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # errors stay on one line
@@ -232,7 +233,6 @@ def poison_distill_cmd(
 
     Engine parameters and defaults (pixel units, for 32 px images):
 
-    \b
     ENGINES
     """
     from kdbackdoor.attacks.distill_poisoning import (CRAFT_STATE_FILE, DistillPoisonConfig, LABEL_MODES,
@@ -483,8 +483,8 @@ def distill_cmd(
     console.print(f"→ {out / 'model.safetensors'}")
 
 
-poison_distill_cmd.__doc__ = poison_distill_cmd.__doc__.replace(
-    "ENGINES", describe_engines().replace("\n", "\n    "))
+poison_distill_cmd.__doc__ = poison_distill_cmd.__doc__.replace(  # a markdown list in --help
+    "ENGINES", "\n    ".join(f"- {line}" for line in describe_engines().splitlines()))
 
 
 @app.command("audit-data")
@@ -517,7 +517,6 @@ def audit_data_cmd(
     (a poisoned set), audit.json also scores each filter against it: AUROC, TPR at 5% FPR,
     precision, recall. Writes scores.csv (a row per sample) and audit.json; prints a table.
 
-    \b
     FILTERS
     """
     from kdbackdoor.data.poisoned_set import is_poisoned_set, load_poisoned_set
@@ -567,7 +566,7 @@ def audit_data_cmd(
 
 def _describe_filters() -> str:
     from kdbackdoor.defenses.filters import available_filters
-    return "\n    ".join(f"{name}: {text}" for name, text in available_filters().items())
+    return "\n    ".join(f"- {name}: {text}" for name, text in available_filters().items())  # markdown list
 
 
 audit_data_cmd.__doc__ = audit_data_cmd.__doc__.replace("FILTERS", _describe_filters())
