@@ -111,12 +111,16 @@ def main() -> None:
     parser.add_argument("--ood-data", default=None, help="transfer set for OOD KD (e.g. npz:.../gtsrb32)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset", default=None, help="the teacher's data set spec, for checkpoints that do "
+                        "not record it (e.g. imagefolder:../shared/data/cifar10-jpeg)")
     args = parser.parse_args()
     scale = SCALES[args.scale]
     device = select_device("auto")
     teacher, sidecar = load_checkpoint(args.teacher, device=device)
     meta = sidecar.get("metadata") or {}
-    dataset = meta["dataset"]
+    dataset = {"spec": args.dataset} if args.dataset else meta.get("dataset")
+    if not dataset:
+        raise SystemExit("the teacher's checkpoint does not record its data set: pass --dataset SPEC")
     spec, data_dir, resize = dataset["spec"], dataset.get("data_dir"), dataset.get("resize")
     train = load_dataset(spec, "train", data_dir=data_dir, resize=resize)
     test = load_dataset(spec, "test", data_dir=data_dir, resize=resize)

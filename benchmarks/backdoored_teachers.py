@@ -34,15 +34,17 @@ SETS = {
 }
 
 
-def teacher(train, test, arch, config, out: Path, device, trigger=None, train_missing=True):
+def teacher(spec, train, test, arch, config, out: Path, device, trigger=None, train_missing=True):
     """Train (or reuse a finished) teacher in ``out``; return (model, record), or None when it is
-    not finished and ``train_missing`` is false."""
+    not finished and ``train_missing`` is false. The checkpoint records ``spec`` so that other
+    commands can reload its data set."""
     if (out / "metrics.json").exists():
         model, _ = load_checkpoint(out / MODEL_FILE, device=device)
         return model, json.loads((out / "metrics.json").read_text())
     if not train_missing:
         return None
     return train_teacher(train, test, arch, config, out, device=device, progress=False, resume=True,
+                         metadata={"dataset": {"spec": spec, "data_dir": None, "resize": None}},
                          trigger=trigger, poison=PoisonConfig(target=0, rate=0.1) if trigger else None)
 
 
@@ -65,7 +67,7 @@ def main() -> None:
     for name in args.datasets:
         spec, triggers = SETS[name]
         train, test = load_dataset(spec, "train", progress=False), load_dataset(spec, "test", progress=False)
-        finished = teacher(train, test, args.arch, config, Path(args.out) / name / "clean", device,
+        finished = teacher(spec, train, test, args.arch, config, Path(args.out) / name / "clean", device,
                            train_missing=not args.report_only)
         if finished is None:
             continue
@@ -74,7 +76,7 @@ def main() -> None:
         results[f"{name}/clean"] = {"acc": clean_acc, "train_minutes": train_minutes(clean_record)}
         for trigger_name in [t for t in triggers if not args.triggers or t in args.triggers]:
             trig = build_trigger(trigger_name, image_shape=train.image_shape)
-            finished = teacher(train, test, args.arch, config, Path(args.out) / name / trigger_name, device, trig,
+            finished = teacher(spec, train, test, args.arch, config, Path(args.out) / name / trigger_name, device, trig,
                                train_missing=not args.report_only)
             if finished is None:
                 continue
