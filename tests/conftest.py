@@ -118,3 +118,18 @@ def pickle_calls_open_on(path: Path, marker: Path) -> bool:
     opcodes = [(op.name, arg) for op, arg, _ in pickletools.genops(data)]
     names_open = any((name == "GLOBAL" and str(arg).endswith(" open")) or arg == "open" for name, arg in opcodes)
     return names_open and any(name == "REDUCE" for name, _ in opcodes) and any(arg == str(marker) for _, arg in opcodes)
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar10(shared_dir, tmp_path_factory) -> str:
+    """``imagefolder:PATH`` spec of a tiny real CIFAR-10: the first 20 train and 10 test JPEGs of
+    each class of ``../shared/data/cifar10-jpeg``, copied to a temporary folder."""
+    import shutil
+    root = tmp_path_factory.mktemp("tiny-cifar10")
+    for split, count in (("train", 20), ("test", 10)):
+        for class_dir in sorted((shared_dir / "data" / "cifar10-jpeg" / split).iterdir()):
+            target = root / split / class_dir.name
+            target.mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                shutil.copy(image, target / image.name)
+    return f"imagefolder:{root}"

@@ -52,6 +52,33 @@ def test_the_demo_code_path_writes_its_table_report_and_summary(tmp_path, capsys
     assert re.search(r"AUROC \d\.\d{3}", printed)
 
 
+@pytest.mark.slow  # a minute and more on 2 cores
+def test_the_cifar10_recipe_runs_on_32px_rgb_images(tiny_cifar10, tmp_path):
+    """`kdbackdoor demo --dataset ...` for real 32x32 RGB data: the CIFAR-10 sweep, shrunk, on 200
+    real CIFAR-10 training images."""
+    import yaml
+    sweep = read_yaml(demo_config("cifar10"))
+    sweep["config"]["teacher"]["arch"] = "small-cnn"  # the recipe's fast-cnn-half takes a minute here
+    sweep["config"]["teacher"]["train"].update(epochs=4, batch_size=32)
+    sweep["config"]["data"]["test_subset"] = None
+    # a teacher trained on 200 images is unsure of everything: stronger poisons pass its verification
+    sweep["zip"]["poison"][0]["engine"] = {"eps": "64/255", "step_size": "8/255", "steps": 20}
+    attack, data_free, defended = sweep["zip"]["distill"]
+    attack["subset"] = None
+    attack["train"]["epochs"] = 1
+    for run in (data_free, defended):
+        run["data_free"] = {"iterations": 2, "synthesis_steps": 3, "synthesis_batch_size": 16, "batch_size": 16,
+                            "student_steps": 3}
+    config = tmp_path / "tiny-cifar10-demo.yaml"
+    config.write_text(yaml.safe_dump(sweep))
+    summary = run_demo(tmp_path / "demo", dataset=tiny_cifar10, config=config, device="cpu", progress=False)
+    assert summary["poisoned_distillation"]["counts"]["kept"] > 0
+    records = [json.loads(path.read_text()) for path in (tmp_path / "demo" / "results" / "runs").glob("*/metrics.json")]
+    assert sorted(record["name"] for record in records) == ["data-free", "data-free-abd", "poisoned-distillation-set"]
+    assert all(record["config"]["data"]["dataset"] == tiny_cifar10 for record in records)
+    assert (tmp_path / "demo" / "report.html").exists()
+
+
 def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(KDBackdoorError, match="not empty"):
