@@ -31,6 +31,7 @@ from common import write_results
 from kdbackdoor.data.sources import load_dataset
 from kdbackdoor.defenses.abd import build_data_free_defense
 from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
+from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
 from kdbackdoor.distill.data_free import DataFreeConfig, distill_data_free
 from kdbackdoor.distill.dataset_kd import Backdoor, distill
 from kdbackdoor.distill.losses import KDConfig
@@ -111,6 +112,10 @@ def main() -> None:
     parser.add_argument("--ood-data", default=None, help="transfer set for OOD KD (e.g. npz:.../gtsrb32)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sv-always", action="store_true", help="Shuffling Vaccine on from the start, no tail "
+                        "test (ABD's published ZSKT sweeps: pseudo_test_batches=0)")
+    parser.add_argument("--sr-rounds", type=int, default=None, help="perturbation-search rounds of SR (ABD's "
+                        "sweeps: 10 or 20)")
     parser.add_argument("--dataset", default=None, help="the teacher's data set spec, for checkpoints that do "
                         "not record it (e.g. imagefolder:../shared/data/cifar10-jpeg)")
     args = parser.parse_args()
@@ -136,8 +141,10 @@ def main() -> None:
             config = DataFreeConfig(method=method, seed=args.seed, **scale["methods"][method])
 
             def make(config=config, defense_name=defense_name, folder=out / name):
-                defense = build_data_free_defense(defense_name, retrospection=SelfRetrospectionConfig(
-                    start=scale["sr_start"], seed=args.seed))
+                defense = build_data_free_defense(
+                    defense_name, vaccine=ShufflingVaccineConfig(tail_test=not args.sv_always, seed=args.seed),
+                    retrospection=SelfRetrospectionConfig(start=scale["sr_start"], seed=args.seed,
+                                                          **({"rounds": args.sr_rounds} if args.sr_rounds else {})))
                 return distill_data_free(teacher, test, student_arch, config, folder, device=device,
                                          backdoor=backdoor, defense=defense, resume=True, progress=False)[1]
             rows[name] = run(out / name, make)
