@@ -180,8 +180,9 @@ def main() -> None:
             + (f"{student_speed:.0f} ({student_speed / bare:.2f}×)" if student_speed else "") + " | "
             + (f"{throughput['synthesis_images_per_s']:.0f}" if throughput.get("synthesis_images_per_s") else "")
             + f" | {record.get('wall_seconds_this_session', 0):.0f} |")
-    write_results(f"backdoor_transfer_{args.scale}", {"teacher": args.teacher, "bare_images_per_s": bare,
-                                                      "runs": rows}, "\n".join(lines))
+    # a custom --out is a variant: its table must not replace the scale's standard one
+    name = f"backdoor_transfer_{args.scale}" + (f"_{out.name}" if args.out else "")
+    write_results(name, {"teacher": args.teacher, "bare_images_per_s": bare, "runs": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

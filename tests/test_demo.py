@@ -12,14 +12,15 @@ from kdbackdoor.experiment.config import read_yaml
 
 
 def tiny_demo_config(tmp_path):
-    """The packaged digits demo with a few epochs and iterations and a small attack student:
-    minutes become seconds."""
+    """The packaged digits demo with a few epochs and iterations, fewer and cheaper poisons and a
+    small attack student: minutes become seconds."""
     import yaml
     sweep = read_yaml(demo_config("digits"))
     sweep["config"]["teacher"]["train"]["epochs"] = 4
     attack, data_free, defended = sweep["zip"]["distill"]
     attack["train"]["epochs"] = 2
     attack["student_arch"] = "small-cnn"
+    sweep["zip"]["poison"][0].update(rate=0.05, engine={**sweep["zip"]["poison"][0]["engine"], "steps": 10})
     for run in (data_free, defended):
         run["data_free"] = {**run["data_free"], "iterations": 3, "synthesis_steps": 10, "student_steps": 10}
     path = tmp_path / "tiny-demo.yaml"
