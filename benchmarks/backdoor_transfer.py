@@ -114,8 +114,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sv-always", action="store_true", help="Shuffling Vaccine on from the start, no tail "
                         "test (ABD's published ZSKT sweeps: pseudo_test_batches=0)")
-    parser.add_argument("--sr-rounds", type=int, default=None, help="perturbation-search rounds of SR (ABD's "
-                        "sweeps: 10 or 20)")
+    parser.add_argument("--sr-rounds", type=int, default=SelfRetrospectionConfig.model_fields["rounds"].default,
+                        help="perturbation-search rounds of SR (ABD's sweeps: 10 or 20)")
     parser.add_argument("--dataset", default=None, help="the teacher's data set spec, for checkpoints that do "
                         "not record it (e.g. imagefolder:../shared/data/cifar10-jpeg)")
     args = parser.parse_args()
@@ -143,8 +143,8 @@ def main() -> None:
             def make(config=config, defense_name=defense_name, folder=out / name):
                 defense = build_data_free_defense(
                     defense_name, vaccine=ShufflingVaccineConfig(tail_test=not args.sv_always, seed=args.seed),
-                    retrospection=SelfRetrospectionConfig(start=scale["sr_start"], seed=args.seed,
-                                                          **({"rounds": args.sr_rounds} if args.sr_rounds else {})))
+                    retrospection=SelfRetrospectionConfig(start=scale["sr_start"], rounds=args.sr_rounds,
+                                                          seed=args.seed))
                 return distill_data_free(teacher, test, student_arch, config, folder, device=device,
                                          backdoor=backdoor, defense=defense, resume=True, progress=False)[1]
             rows[name] = run(out / name, make)

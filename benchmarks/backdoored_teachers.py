@@ -19,6 +19,7 @@ import torch
 
 from common import SHARED, write_results
 from kdbackdoor.attacks.teacher_poisoning import PoisonConfig
+from kdbackdoor.cli import dataset_record
 from kdbackdoor.data.sources import load_dataset
 from kdbackdoor.evaluate import attack_success_rate
 from kdbackdoor.models import load_checkpoint
@@ -44,7 +45,7 @@ def teacher(spec, train, test, arch, config, out: Path, device, trigger=None, tr
     if not train_missing:
         return None
     return train_teacher(train, test, arch, config, out, device=device, progress=False, resume=True,
-                         metadata={"dataset": {"spec": spec, "data_dir": None, "resize": None}},
+                         metadata={"dataset": dataset_record(spec, None, None)},
                          trigger=trigger, poison=PoisonConfig(target=0, rate=0.1) if trigger else None)
 
 
@@ -76,8 +77,8 @@ def main() -> None:
         results[f"{name}/clean"] = {"acc": clean_acc, "train_minutes": train_minutes(clean_record)}
         for trigger_name in [t for t in triggers if not args.triggers or t in args.triggers]:
             trig = build_trigger(trigger_name, image_shape=train.image_shape)
-            finished = teacher(spec, train, test, args.arch, config, Path(args.out) / name / trigger_name, device, trig,
-                               train_missing=not args.report_only)
+            finished = teacher(spec, train, test, args.arch, config, Path(args.out) / name / trigger_name, device,
+                               trig, train_missing=not args.report_only)
             if finished is None:
                 continue
             record = finished[1]

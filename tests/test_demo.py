@@ -11,10 +11,16 @@ from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.experiment.config import read_yaml
 
 
+def write_sweep(sweep: dict, path):
+    """Write a sweep (a dict) as YAML to ``path``; return the path."""
+    import yaml
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
 def tiny_demo_config(tmp_path):
     """The packaged digits demo with a few epochs and iterations, fewer and cheaper poisons and a
     small attack student: minutes become seconds."""
-    import yaml
     sweep = read_yaml(demo_config("digits"))
     sweep["config"]["teacher"]["train"]["epochs"] = 4
     attack, data_free, defended = sweep["zip"]["distill"]
@@ -23,9 +29,7 @@ def tiny_demo_config(tmp_path):
     sweep["zip"]["poison"][0].update(rate=0.05, engine={**sweep["zip"]["poison"][0]["engine"], "steps": 10})
     for run in (data_free, defended):
         run["data_free"] = {**run["data_free"], "iterations": 3, "synthesis_steps": 10, "student_steps": 10}
-    path = tmp_path / "tiny-demo.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    return path
+    return write_sweep(sweep, tmp_path / "tiny-demo.yaml")
 
 
 def test_the_demo_code_path_writes_its_table_report_and_summary(tmp_path, capsys):
@@ -57,7 +61,6 @@ def test_the_demo_code_path_writes_its_table_report_and_summary(tmp_path, capsys
 def test_the_cifar10_recipe_runs_on_32px_rgb_images(tiny_cifar10, tmp_path):
     """`kdbackdoor demo --dataset ...` for real 32x32 RGB data: the CIFAR-10 sweep, shrunk, on 200
     real CIFAR-10 training images."""
-    import yaml
     sweep = read_yaml(demo_config("cifar10"))
     sweep["config"]["teacher"]["arch"] = "small-cnn"  # the recipe's fast-cnn-half takes a minute here
     sweep["config"]["teacher"]["train"].update(epochs=4, batch_size=32)
@@ -70,8 +73,7 @@ def test_the_cifar10_recipe_runs_on_32px_rgb_images(tiny_cifar10, tmp_path):
     for run in (data_free, defended):
         run["data_free"] = {"iterations": 2, "synthesis_steps": 3, "synthesis_batch_size": 16, "batch_size": 16,
                             "student_steps": 3}
-    config = tmp_path / "tiny-cifar10-demo.yaml"
-    config.write_text(yaml.safe_dump(sweep))
+    config = write_sweep(sweep, tmp_path / "tiny-cifar10-demo.yaml")
     summary = run_demo(tmp_path / "demo", dataset=tiny_cifar10, config=config, device="cpu", progress=False)
     assert summary["poisoned_distillation"]["counts"]["kept"] > 0
     records = [json.loads(path.read_text()) for path in (tmp_path / "demo" / "results" / "runs").glob("*/metrics.json")]
