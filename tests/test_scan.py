@@ -95,12 +95,17 @@ def test_backdoored_model_is_flagged_with_its_target(backdoored, backdoored_scan
     assert float(result.success[TARGET]) > 0.9 and bool(result.reached.all())
 
 
-def test_clean_model_is_not_flagged(digits_teacher, digits, backdoored_scan):
+def test_clean_model_is_not_flagged_with_the_target_and_has_no_small_trigger(digits_teacher, digits, backdoored_scan):
+    """A clean model's scan must not name the backdoor's target, and no class of it has a reversed
+    trigger nearly as small as the backdoor's. Neural Cleanse does flag a class of some clean digits
+    models (2 of 6 seeds in benchmarks/scan.py; which seeds depends on the CPU's arithmetic), whose
+    reversed trigger is a clean model's smallest and sits at the threshold, so "nothing flagged"
+    is not asserted (docs/scanning.md)."""
     result = reverse_engineer_triggers(digits_teacher, digits[1], FAST)
-    assert result.flagged == []
-    # honest margin: the clean model's most anomalous small-norm class stays well below the target's
-    low = result.norms < result.norms.quantile(0.5)
-    assert float(result.anomaly_index[low].max()) < float(backdoored_scan.anomaly_index[TARGET]) - 1
+    assert TARGET not in result.flagged
+    assert float(result.anomaly_index[TARGET]) < 2
+    # the backdoor's reversed trigger is several times smaller than anything a clean model needs
+    assert float(result.norms.min()) > 3 * float(backdoored_scan.norms[TARGET])
 
 
 def test_scan_is_seeded_ignores_provenance_and_leaves_the_model_as_it_was(digits_teacher, digits):
