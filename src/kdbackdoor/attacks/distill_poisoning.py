@@ -124,12 +124,13 @@ def craft_poisoned_set(
         while len(state.rows) < count and state.tried < len(queue):
             rows = queue[state.tried:state.tried + min(config.batch_size, count - len(state.rows))]
             state.tried += len(rows)
-            rows, images, crafted, used = _craft_verified(teacher, data, rows, trigger, engine, config,
-                                                          generator, device)
+            rows, images, crafted, verified, used = _craft_verified(teacher, data, rows, trigger, engine, config,
+                                                                    generator, device)
             state.attempts += used
             state.rows = torch.cat([state.rows, rows])
             state.images = torch.cat([state.images, images])
             state.crafted = torch.cat([state.crafted, crafted])
+            state.verified = torch.cat([state.verified, verified])
             if state_path is not None:
                 state.save(state_path, fingerprint, generator)
             bar.update(task, completed=len(state.rows),
@@ -140,7 +141,7 @@ def craft_poisoned_set(
             f"no poison passed verification (threshold {config.threshold}) after trying {tried} source images; "
             "use a stronger engine setting (more steps, larger eps) or a lower --threshold")
     order = rows.argsort()
-    rows, images, crafted = rows[order], state.images[order], state.crafted[order]
+    rows, images, crafted, verified = rows[order], state.images[order], state.crafted[order], state.verified[order]
     stored = images.float() / 255
     labels = _labels(teacher, data, rows, stored, config, device)
     report = {
@@ -150,7 +151,7 @@ def craft_poisoned_set(
             "final_size": len(data) + (len(rows) if config.mode == "add" else 0),
         },
         "source_classes": sources,
-        "teacher_stability": _stability(teacher, data, rows, images, crafted, trigger, config.target, device),
+        "teacher_stability": _stability(teacher, data, rows, crafted, verified, trigger, config.target, device),
         "perturbation": _perturbation(data, rows, crafted, device),
     }
     counts = report["counts"]
@@ -162,20 +163,23 @@ def craft_poisoned_set(
 
 
 class _CraftState:
-    """Poisons kept so far (source rows, stored uint8 images with and without the trigger) and counters."""
+    """Poisons kept so far (source rows, stored uint8 images with and without the trigger, the
+    teacher's target probability on the stored image at verification) and counters."""
 
-    def __init__(self, rows: torch.Tensor, images: torch.Tensor, crafted: torch.Tensor, tried: int,
-                 attempts: int) -> None:
-        self.rows, self.images, self.crafted, self.tried, self.attempts = rows, images, crafted, tried, attempts
+    def __init__(self, rows: torch.Tensor, images: torch.Tensor, crafted: torch.Tensor, verified: torch.Tensor,
+                 tried: int, attempts: int) -> None:
+        self.rows, self.images, self.crafted, self.verified = rows, images, crafted, verified
+        self.tried, self.attempts = tried, attempts
 
     @staticmethod
     def empty(image_shape: tuple[int, ...]) -> "_CraftState":
         nothing = torch.zeros((0, *image_shape), dtype=torch.uint8)
-        return _CraftState(torch.zeros(0, dtype=torch.int64), nothing, nothing.clone(), 0, 0)
+        return _CraftState(torch.zeros(0, dtype=torch.int64), nothing, nothing.clone(), torch.zeros(0), 0, 0)
 
     def save(self, path: Path, fingerprint: str, generator: torch.Generator) -> None:
         state = {"fingerprint": fingerprint, "rows": self.rows, "images": self.images, "crafted": self.crafted,
-                 "tried": self.tried, "attempts": self.attempts, "generator": generator.get_state()}
+                 "verified": self.verified, "tried": self.tried, "attempts": self.attempts,
+                 "generator": generator.get_state()}
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
 
@@ -189,8 +193,8 @@ class _CraftState:
                     f"{path}: this interrupted crafting run used other inputs (settings, engine, trigger, "
                     "teacher or data); rerun with the same options, or choose another --out")
             generator.set_state(state["generator"])
-            return _CraftState(state["rows"], state["images"], state["crafted"], int(state["tried"]),
-                               int(state["attempts"]))
+            return _CraftState(state["rows"], state["images"], state["crafted"], state["verified"],
+                               int(state["tried"]), int(state["attempts"]))
         except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
             raise KDBackdoorError(f"{path}: unreadable crafting state ({exc}); delete it to start over") from None
 
@@ -238,13 +242,15 @@ def _target_probability(teacher, x: torch.Tensor, target: int) -> torch.Tensor:
 def _craft_verified(teacher, data, rows, trigger, engine, config, generator, device):
     """Craft poisons for ``rows``, retrying failures.
 
-    Returns (kept rows, stored uint8 poisons with trigger, the same before the trigger, attempts).
+    Returns (kept rows, stored uint8 poisons with trigger, the same before the trigger, the
+    teacher's target probability on each kept stored poison, attempts).
     """
     x = data.pixels(rows.to(data.images.device)).to(device)
     targets = torch.full((len(rows),), config.target, device=device)
     images = torch.zeros(x.shape, dtype=torch.uint8)
     untriggered = torch.zeros(x.shape, dtype=torch.uint8)
     passed = torch.zeros(len(rows), dtype=torch.bool)
+    verified = torch.zeros(len(rows))
     attempts = 0
     for _ in range(1 + config.retries):
         todo = (~passed).nonzero().squeeze(1)
@@ -254,11 +260,13 @@ def _craft_verified(teacher, data, rows, trigger, engine, config, generator, dev
         crafted = to_uint8(engine.craft(teacher, x[todo], targets[todo], trigger, generator,
                                         config.threshold if config.early_exit else None).detach())
         stored = to_uint8(trigger(crafted.float() / 255))
-        ok = (_target_probability(teacher, stored.float() / 255, config.target) >= config.threshold).cpu()
+        probability = _target_probability(teacher, stored.float() / 255, config.target).cpu()
+        ok = probability >= config.threshold
         images[todo[ok]] = stored[ok].cpu()
+        verified[todo[ok]] = probability[ok]
         untriggered[todo[ok]] = crafted[ok].cpu()
         passed[todo[ok]] = True
-    return rows[passed], images[passed], untriggered[passed], attempts
+    return rows[passed], images[passed], untriggered[passed], verified[passed], attempts
 
 
 def _labels(teacher, data, rows, stored, config, device) -> torch.Tensor:
@@ -277,19 +285,20 @@ def _summary(values: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def _stability(teacher, data, rows, images, crafted, trigger, target, device) -> dict:
-    """Teacher target probability on the kept poisons with / without trigger and on the clean sources."""
-    with_trigger, without, clean_p, clean_trig = [], [], [], []
-    for chunk_rows, chunk, adv in zip(rows.split(512), images.split(512), crafted.split(512)):
+def _stability(teacher, data, rows, crafted, verified, trigger, target, device) -> dict:
+    """Teacher target probability on the kept poisons with / without trigger and on the clean sources.
+
+    With the trigger is the probability verification measured on the very stored image
+    (``verified``), so it costs no second forward pass."""
+    without, clean_p, clean_trig = [], [], []
+    for chunk_rows, adv in zip(rows.split(512), crafted.split(512)):
         clean = data.pixels(chunk_rows.to(data.images.device)).to(device)
-        with_trigger.append(_target_probability(teacher, chunk.to(device).float() / 255, target))
         without.append(_target_probability(teacher, adv.to(device).float() / 255, target))
         clean_p.append(_target_probability(teacher, clean, target))
         clean_trig.append(_target_probability(teacher, trigger(clean), target))
-    result = {name: _summary(torch.cat(values)) for name, values in (
-        ("poison_with_trigger", with_trigger), ("poison_without_trigger", without),
+    return {name: _summary(torch.cat(values)) for name, values in (
+        ("poison_with_trigger", [verified]), ("poison_without_trigger", without),
         ("clean_source", clean_p), ("clean_source_with_trigger", clean_trig))}
-    return result
 
 
 @torch.no_grad()
