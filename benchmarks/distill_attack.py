@@ -7,7 +7,8 @@ Sweeps, each student distilled from the same clean teacher on a seeded subset of
   sizes   - white-square trigger side {2, 3, 4, 6} px at λ = 1 (PGD)
 Finished runs and poisoned sets in --out are reused, so an interrupted sweep continues; the
 results file is rewritten after every run. Writes results/distill_attack.{json,md} and the
-ASR-vs-λ plot docs/figures/asr_vs_lambda.png.
+ASR-vs-λ plot docs/figures/asr_vs_lambda.png; with another --out than the default, a variant's
+files carry that folder's name (results/distill_attack_NAME.*, docs/figures/asr_vs_lambda_NAME.png).
 
 CPU recipe (default; about 4-5 min per student on 2 cores): 4,000 training images, every 5th test
 image, small-cnn student, 10 epochs, no augmentation (so the teacher's logits are computed once).
@@ -38,6 +39,7 @@ from kdbackdoor.training import TrainConfig
 from kdbackdoor.triggers import build_trigger
 
 CIFAR = f"imagefolder:{SHARED / 'data' / 'cifar10-jpeg'}"
+DEFAULT_OUT = "runs/bench-distill-attack"
 ENGINES = {"pgd": {}, "fgsm": {}, "cw": {"steps": 30, "search_steps": 1, "lr": 0.01}}  # CW cut for CPU time
 
 
@@ -78,9 +80,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--augment", action="store_true", help="random crop (4 px) and flips while distilling")
     parser.add_argument("--sweeps", nargs="+", default=["lambda", "methods", "rates", "sizes"])
-    parser.add_argument("--out", default="runs/bench-distill-attack")
+    parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
     out, device, seed = Path(args.out), select_device("auto"), 0
+    variant = "" if args.out == DEFAULT_OUT else f"_{out.name}"
     teacher, _ = load_checkpoint(args.teacher, device=device)
     train = load_dataset(CIFAR, "train", progress=False)
     test = load_dataset(CIFAR, "test", progress=False)
@@ -106,7 +109,7 @@ def main() -> None:
             row.update(counts=manifest["counts"], teacher_stability=manifest["teacher_stability"],
                        perturbation=manifest["perturbation"])
         results["runs"][name] = row
-        publish(results)
+        publish(results, variant)
 
     plan = []  # most telling runs first: a sweep cut short still answers the main questions
     if "lambda" in args.sweeps:
@@ -133,7 +136,8 @@ def main() -> None:
         print(f"{name}: ACC {rec['metrics']['acc']:.2%} ASR {rec['metrics']['asr']:.2%}", flush=True)
 
 
-def publish(results: dict) -> None:
+def publish(results: dict, variant: str) -> None:
+    """Write the results table and the plot; ``variant`` ("" for the default --out) names their files."""
     runs = results["runs"]
     teacher = results["teacher"]
     lines = [f"Teacher: ACC {teacher['acc']:.2%}, ASR of the 4 px square on it {teacher['asr']:.2%} "
@@ -149,11 +153,11 @@ def publish(results: dict) -> None:
         else:
             kept, stability = "none (baseline)", ""
         lines.append(f"| {name} | {kept} | {stability} | {row['acc']:.2%} | {row['asr']:.2%} |")
-    write_results("distill_attack", results, "\n".join(lines))
-    plot_lambda(runs)
+    write_results("distill_attack" + variant, results, "\n".join(lines))
+    plot_lambda(runs, variant)
 
 
-def plot_lambda(runs: dict) -> None:
+def plot_lambda(runs: dict, variant: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -172,7 +176,7 @@ def plot_lambda(runs: dict) -> None:
     axis.legend()
     axis.set_title("Poisoned distillation set, clean teacher (CIFAR-10)")
     figure.tight_layout()
-    path = ROOT / "docs" / "figures" / "asr_vs_lambda.png"
+    path = ROOT / "docs" / "figures" / f"asr_vs_lambda{variant}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
