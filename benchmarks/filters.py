@@ -8,9 +8,11 @@ airplane) and its clean teacher:
      with the ground truth, as a benchmark may) flags with its own rule and with --expected-rate;
   3. a student distilled with --defense robust-kd on the poisoned set, and one on the
      unpoisoned set (what the defense costs without any poison).
-Students use the recipe of distill_attack.py (small-cnn, 10 epochs, λ = 1, T = 4, no
-augmentation, every 5th test image), so their ACC/ASR compare with results/distill_attack.md.
-Finished stages in --out are reused. Writes results/filters.{json,md}.
+Students use the recipe of distill_attack.py (λ = 1, T = 4, no augmentation, every 5th test image;
+--student and --epochs as the attack's run used), and the table puts them beside the attack's
+undefended and unpoisoned λ = 1 students read from --attack-results. Finished stages in --out are
+reused. Writes results/filters.{json,md}; with another --out than the default, a variant's files
+carry that folder's name (results/filters_NAME.*).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import SHARED, write_results
+from common import RESULTS, SHARED, write_results
 from kdbackdoor.atomic import write_json
 from kdbackdoor.data.poisoned_set import load_poisoned_set
 from kdbackdoor.data.sources import load_dataset
@@ -38,8 +40,9 @@ from kdbackdoor.training import TrainConfig
 from kdbackdoor.triggers import build_trigger
 
 CIFAR = f"imagefolder:{SHARED / 'data' / 'cifar10-jpeg'}"
-RECORDED = {"poisoned, no defense": {"acc": 0.4270, "asr": 0.2683},
-            "unpoisoned, no defense": {"acc": 0.4505, "asr": 0.0922}}  # results/distill_attack.md, λ = 1
+DEFAULT_OUT = "runs/bench-filters"
+ATTACK_ROWS = {"poisoned, no defense": "pgd-rate0.05-size4-lambda1.0",
+               "unpoisoned, no defense": "clean-rate0.05-size4-lambda1.0"}  # distill_attack.py's run names
 
 
 def main() -> None:
@@ -55,13 +58,20 @@ def main() -> None:
     parser.add_argument("--num-views", type=int, default=4, help="robust-kd views per target (CPU time)")
     parser.add_argument("--test-every", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--student", default="small-cnn", help="student architecture (the attack run's)")
+    parser.add_argument("--attack-results", type=Path, default=RESULTS / "distill_attack.json",
+                        help="distill_attack.py's results, for the undefended and unpoisoned students")
     parser.add_argument("--students", nargs="*", default=["remove", "remove-rate", "robust", "robust-clean"])
-    parser.add_argument("--out", default="runs/bench-filters")
+    parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
     out, device = Path(args.out), select_device("auto")
     data, manifest = load_poisoned_set(args.set)
     teacher, _ = load_checkpoint(args.teacher, device=device)
-    results = {"recipe": vars(args), "size": len(data), "poisons": int(data.provenance.poisoned.sum())}
+    attack = json.loads(args.attack_results.read_text())["runs"]
+    results = {"recipe": {**vars(args), "attack_results": str(args.attack_results)}, "size": len(data),
+               "poisons": int(data.provenance.poisoned.sum()),
+               "attack_students": {label: attack[run] for label, run in ATTACK_ROWS.items() if run in attack}}
+    variant = "" if args.out == DEFAULT_OUT else f"_{out.name}"
 
     filter_file = out / "filters.json"
     if filter_file.exists():
@@ -82,7 +92,7 @@ def main() -> None:
                 result, data.provenance.poisoned)
         write_json(filter_file, results["filters"])
         torch.save(flags, out / "flags.pt")
-    publish(results)
+    publish(results, variant)
 
     best = max(results["filters"], key=lambda name: results["filters"][name]["detection"]["auroc"] or 0)
     results["best_filter"] = best
@@ -107,7 +117,7 @@ def main() -> None:
             record = json.loads((folder / "metrics.json").read_text())
         else:
             started = time.perf_counter()
-            _, record = distill(teacher, train, test, "small-cnn", config, KDConfig(kd_lambda=1.0, temperature=4.0),
+            _, record = distill(teacher, train, test, args.student, config, KDConfig(kd_lambda=1.0, temperature=4.0),
                                 folder, device=device, backdoor=backdoor, evaluate_teacher=False, resume=True,
                                 progress=False, robust=robust if name.startswith("robust") else None)
             record["bench_seconds"] = time.perf_counter() - started
@@ -117,10 +127,11 @@ def main() -> None:
                                      "defense": record.get("defense"), "seconds": record.get("bench_seconds")}
         print(f"{name}: ACC {record['metrics']['acc']:.2%} ASR {record['metrics']['asr']:.2%} "
               f"({record['train']['poisoned']} poisons in {record['train']['size']})", flush=True)
-        publish(results)
+        publish(results, variant)
 
 
-def publish(results: dict) -> None:
+def publish(results: dict, variant: str) -> None:
+    """Write the tables; ``variant`` ("" for the default --out) names the files."""
     lines = [f"Set: {results['size']} images, {results['poisons']} PGD poisons (5%).", "",
              "| filter | own rule | flagged | AUROC | TPR@5%FPR | precision | recall | "
              f"precision / recall at top {results['recipe']['expected_rate']:.0%} | seconds |",
@@ -135,13 +146,16 @@ def publish(results: dict) -> None:
                      f"{f(d['precision'])} | {f(d['recall'])} | {f(r.get('precision'))} / {f(r.get('recall'))} | "
                      f"{entry['seconds']:.0f} |")
     if results.get("students"):
-        lines += ["", f"Students (small-cnn, λ = 1; best filter by AUROC: {results['best_filter']}):", "",
+        recipe = results["recipe"]
+        lines += ["", f"Students ({recipe['student']}, {recipe['epochs']} epochs, λ = 1; best filter by AUROC: "
+                  f"{results['best_filter']}):", "",
                   "| student | train size | poisons left | ACC | ASR |", "|---|---|---|---|---|"]
-        for name, row in RECORDED.items():
-            lines.append(f"| {name} (recorded, distill_attack.md) | | | {row['acc']:.2%} | {row['asr']:.2%} |")
+        for name, row in results["attack_students"].items():
+            lines.append(f"| {name} (the attack run, {Path(recipe['attack_results']).name}) | {row['train_size']} | "
+                         f"{row['poisons']} | {row['acc']:.2%} | {row['asr']:.2%} |")
         for name, row in results["students"].items():
             lines.append(f"| {name} | {row['train_size']} | {row['poisons']} | {row['acc']:.2%} | {row['asr']:.2%} |")
-    write_results("filters", results, "\n".join(lines))
+    write_results("filters" + variant, results, "\n".join(lines))
 
 
 if __name__ == "__main__":
