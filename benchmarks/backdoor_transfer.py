@@ -37,7 +37,7 @@ from kdbackdoor.distill.data_free import DataFreeConfig, distill_data_free
 from kdbackdoor.distill.dataset_kd import Backdoor, distill
 from kdbackdoor.distill.losses import KDConfig
 from kdbackdoor.models import build_model, load_checkpoint
-from kdbackdoor.runtime import select_device
+from kdbackdoor.runtime import channels_last, select_device
 from kdbackdoor.training import TrainConfig
 from kdbackdoor.triggers import build_trigger
 
@@ -94,8 +94,8 @@ def run(folder: Path, make) -> dict:
 
 def bare_loop_images_per_s(teacher, student_arch: str, image_shape, batch_size: int, device, steps: int = 20) -> float:
     """Teacher forward + student forward/backward + SGD step on one pre-made batch: the floor."""
-    student = build_model(student_arch, num_classes=teacher.num_classes, in_channels=image_shape[0],
-                          input_size=image_shape[1:]).to(device)
+    student = channels_last(build_model(student_arch, num_classes=teacher.num_classes, in_channels=image_shape[0],
+                                        input_size=image_shape[1:]).to(device))  # the layout the toolkit trains in
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
     x = torch.rand(batch_size, *image_shape, device=device)
     for i in range(steps + 3):
