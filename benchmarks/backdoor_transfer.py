@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from common import write_results
+from common import variant_suffix, write_results
 from kdbackdoor.data.sources import load_dataset
 from kdbackdoor.defenses.abd import build_data_free_defense
 from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
@@ -188,7 +188,7 @@ def main() -> None:
             + (f"{throughput['synthesis_images_per_s']:.0f}" if throughput.get("synthesis_images_per_s") else "")
             + f" | {record.get('wall_seconds_this_session', 0):.0f} |")
     # a custom --out is a variant: its table must not replace the scale's standard one
-    name = f"backdoor_transfer_{args.scale}" + (f"_{out.name}" if args.out else "")
+    name = f"backdoor_transfer_{args.scale}" + variant_suffix(args.out, None)
     write_results(name, {"teacher": args.teacher, "bare_images_per_s": bare, "runs": rows}, "\n".join(lines))
 
 

@@ -28,6 +28,14 @@ def machine() -> dict:
     }
 
 
+def variant_suffix(out: str | Path | None, default: str | None) -> str:
+    """"" when ``out`` is the benchmark's default output folder (or not given), else "_NAME" after
+    the folder's name: a variant's results files must not replace the standard ones."""
+    if out is None or str(out) == str(default):
+        return ""
+    return f"_{Path(out).name}"
+
+
 def write_results(name: str, data: dict, markdown: str) -> None:
     """Write ``results/NAME.json`` and ``results/NAME.md`` and print the markdown."""
     from kdbackdoor.atomic import write_json

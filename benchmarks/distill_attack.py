@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, SHARED, write_results
+from common import ROOT, SHARED, variant_suffix, write_results
 from kdbackdoor.attacks.distill_poisoning import DistillPoisonConfig, craft_poisoned_set
 from kdbackdoor.attacks.engines import build_engine
 from kdbackdoor.data.poisoned_set import load_poisoned_set, save_poisoned_set
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
     out, device, seed = Path(args.out), select_device("auto"), 0
-    variant = "" if args.out == DEFAULT_OUT else f"_{out.name}"
+    variant = variant_suffix(args.out, DEFAULT_OUT)
     teacher, _ = load_checkpoint(args.teacher, device=device)
     train = load_dataset(CIFAR, "train", progress=False)
     test = load_dataset(CIFAR, "test", progress=False)

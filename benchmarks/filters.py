@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, SHARED, write_results
+from common import RESULTS, SHARED, variant_suffix, write_results
 from kdbackdoor.atomic import write_json
 from kdbackdoor.data.poisoned_set import load_poisoned_set
 from kdbackdoor.data.sources import load_dataset
@@ -71,7 +71,7 @@ def main() -> None:
     results = {"recipe": {**vars(args), "attack_results": str(args.attack_results)}, "size": len(data),
                "poisons": int(data.provenance.poisoned.sum()),
                "attack_students": {label: attack[run] for label, run in ATTACK_ROWS.items() if run in attack}}
-    variant = "" if args.out == DEFAULT_OUT else f"_{out.name}"
+    variant = variant_suffix(args.out, DEFAULT_OUT)
 
     filter_file = out / "filters.json"
     if filter_file.exists():
