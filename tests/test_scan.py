@@ -106,6 +106,9 @@ def test_clean_model_is_not_flagged_with_the_target_and_has_no_small_trigger(dig
     assert float(result.anomaly_index[TARGET]) < 2
     # the backdoor's reversed trigger is several times smaller than anything a clean model needs
     assert float(result.norms.min()) > 3 * float(backdoored_scan.norms[TARGET])
+    # and the clean model's most anomalous small-norm class stays well below the backdoor's target
+    low = result.norms < result.norms.quantile(0.5)
+    assert float(result.anomaly_index[low].max()) < float(backdoored_scan.anomaly_index[TARGET]) - 1
 
 
 def test_scan_is_seeded_ignores_provenance_and_leaves_the_model_as_it_was(digits_teacher, digits):
