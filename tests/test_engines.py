@@ -58,9 +58,18 @@ def test_engine_reaches_the_target_within_its_budget(name, params, min_success, 
         assert float(delta.norm(dim=1).max()) <= params["eps"] + 1e-5
 
 
+def test_cw_defaults_clear_the_default_verification_threshold(digits_teacher, sources):
+    """The margin kappa carries CW past the decision boundary, where P(target) is only about 1/2."""
+    x, _ = sources
+    adv = craft(build_engine("cw"), digits_teacher, x)
+    assert float((target_probability(digits_teacher, adv) >= 0.5).float().mean()) >= 0.9
+    boundary = craft(build_engine("cw", confidence=0.0), digits_teacher, x)
+    assert target_probability(digits_teacher, adv).median() > target_probability(digits_teacher, boundary).median()
+
+
 def test_cw_finds_smaller_perturbations_than_pgd_at_equal_success(digits_teacher, sources):
     x, _ = sources
-    cw = craft(build_engine("cw", steps=60, lr=0.05, search_steps=2), digits_teacher, x)
+    cw = craft(build_engine("cw", steps=60, lr=0.05, search_steps=2, confidence=0.0), digits_teacher, x)  # minimal
     pgd = craft(build_engine("pgd", eps=48 / 255, step_size=8 / 255, steps=20), digits_teacher, x)
     both = (digits_teacher(cw).argmax(1) == TARGET) & (digits_teacher(pgd).argmax(1) == TARGET)
     assert both.sum() >= 32

@@ -98,8 +98,10 @@ class PGD(Engine):
 class CWParams(EngineParams):
     c: float = Field(1.0, gt=0, description="initial weight of the classification term")
     steps: int = Field(100, ge=1, description="Adam steps per search round")
-    lr: float = Field(0.01, gt=0, description="Adam step size in tanh space")
-    confidence: float = Field(0.0, ge=0, description="required logit margin (kappa)")
+    # lr 0.01 / kappa 0 (the paper's choice for minimal perturbations) stops at the decision
+    # boundary, where P(target) is near 1/2 and verification at P >= 0.5 drops most poisons
+    lr: float = Field(0.05, gt=0, description="Adam step size in tanh space")
+    confidence: float = Field(5.0, ge=0, description="required logit margin (kappa) of the target over the others")
     search_steps: int = Field(3, ge=1, description="binary-search rounds over c")
 
 
@@ -139,7 +141,7 @@ class CW(Engine):
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
-                    hit = margin < 0
+                    hit = margin + p.confidence < 0  # a success clears the margin kappa, not just the boundary
                     improved = hit & (dist < best_dist)
                     best[improved] = adv.detach()[improved]
                     best_dist[improved] = dist[improved]
