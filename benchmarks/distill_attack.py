@@ -5,8 +5,8 @@ Sweeps, each student distilled from the same clean teacher on a seeded subset of
   methods - FGSM vs PGD vs CW at λ = 1
   rates   - poison rate {0.5, 1, 2, 5}% at λ = 1 (PGD)
   sizes   - white-square trigger side {2, 3, 4, 6} px at λ = 1 (PGD)
-Finished runs and poisoned sets in --out are reused, so an interrupted sweep continues; the
-results file is rewritten after every run. Writes results/distill_attack.{json,md} and the
+Finished runs and poisoned sets in --out are reused and interrupted crafting continues, so an
+interrupted sweep goes on where it stopped; the results file is rewritten after every run. Writes results/distill_attack.{json,md} and the
 ASR-vs-λ plot docs/figures/asr_vs_lambda.png; with another --out than the default, a variant's
 files carry that folder's name (results/distill_attack_NAME.*, docs/figures/asr_vs_lambda_NAME.png).
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from common import ROOT, SHARED, variant_suffix, write_results
-from kdbackdoor.attacks.distill_poisoning import DistillPoisonConfig, craft_poisoned_set
+from kdbackdoor.attacks.distill_poisoning import CRAFT_STATE_FILE, DistillPoisonConfig, craft_poisoned_set
 from kdbackdoor.attacks.engines import build_engine
 from kdbackdoor.data.poisoned_set import load_poisoned_set, save_poisoned_set
 from kdbackdoor.data.sources import load_dataset
@@ -40,22 +40,35 @@ from kdbackdoor.triggers import build_trigger
 
 CIFAR = f"imagefolder:{SHARED / 'data' / 'cifar10-jpeg'}"
 DEFAULT_OUT = "runs/bench-distill-attack"
-ENGINES = {"pgd": {}, "fgsm": {}, "cw": {"steps": 30, "search_steps": 1, "lr": 0.01}}  # CW cut for CPU time
+SWEEPS = ["lambda", "methods", "rates", "sizes"]
+# (sweep, engine, poison rate, trigger side in px, λ, unpoisoned baseline?), most telling runs
+# first so that a sweep cut short still answers the main questions
+PLAN = ([("lambda", "pgd", 0.05, 4, lam, False) for lam in (1.0, 0.5, 0.0)]
+        + [("lambda", "pgd", 0.05, 4, lam, True) for lam in (1.0, 0.5, 0.0)]
+        + [("methods", "fgsm", 0.05, 4, 1.0, False)]
+        + [("lambda", "pgd", 0.05, 4, lam, False) for lam in (0.25, 0.75)]
+        + [("rates", "pgd", rate, 4, 1.0, False) for rate in (0.005, 0.01, 0.02)]
+        + [("sizes", "pgd", 0.05, size, 1.0, False) for size in (2, 3, 6)]
+        + [("methods", "cw", 0.05, 4, 1.0, False)])
+ENGINES = {"pgd": {}, "fgsm": {}, "cw": {"steps": 50}}  # CW: half the default Adam steps, for CPU time
 
 
 def poisoned_set(out: Path, teacher, train, method: str, rate: float, size: int, seed: int):
-    """Craft (or reuse) the poisoned set for one engine / rate / trigger size."""
+    """Craft (or reuse, or continue crafting) the poisoned set for one engine / rate / trigger size."""
     folder = out / "sets" / f"{method}-rate{rate}-size{size}"
     if (folder / "manifest.json").exists():
         return load_poisoned_set(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     trigger = build_trigger(f"badnets-square:size={size}", image_shape=train.image_shape, seed=seed)
     engine = build_engine(method, **ENGINES[method])
     started = time.perf_counter()
     data, report = craft_poisoned_set(teacher, train, trigger, engine,
-                                      DistillPoisonConfig(target=0, rate=rate, seed=seed), progress=False)
+                                      DistillPoisonConfig(target=0, rate=rate, seed=seed), progress=False,
+                                      state_path=folder / CRAFT_STATE_FILE, resume=True)
     manifest = {"trigger": trigger.config(), "target": 0, "engine": engine.config(),
-                "craft_seconds": time.perf_counter() - started, **report}
+                "craft_seconds": time.perf_counter() - started, **report}  # this session's share when resumed
     save_poisoned_set(data, folder, manifest)
+    (folder / CRAFT_STATE_FILE).unlink()
     return load_poisoned_set(folder)
 
 
@@ -79,7 +92,8 @@ def main() -> None:
     parser.add_argument("--student", default="small-cnn")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--augment", action="store_true", help="random crop (4 px) and flips while distilling")
-    parser.add_argument("--sweeps", nargs="+", default=["lambda", "methods", "rates", "sizes"])
+    parser.add_argument("--sweeps", nargs="+", default=SWEEPS, choices=SWEEPS,
+                        help="sweeps to run; finished runs of the others in --out stay in the table")
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
     out, device, seed = Path(args.out), select_device("auto"), 0
@@ -111,26 +125,14 @@ def main() -> None:
         results["runs"][name] = row
         publish(results, variant)
 
-    plan = []  # most telling runs first: a sweep cut short still answers the main questions
-    if "lambda" in args.sweeps:
-        plan += [("lambda", "pgd", 0.05, 4, lam, False) for lam in (1.0, 0.5, 0.0)]
-        plan += [("lambda", "pgd", 0.05, 4, lam, True) for lam in (1.0, 0.5, 0.0)]
-    if "methods" in args.sweeps:
-        plan += [("methods", "fgsm", 0.05, 4, 1.0, False)]
-    if "lambda" in args.sweeps:
-        plan += [("lambda", "pgd", 0.05, 4, lam, False) for lam in (0.25, 0.75)]
-    if "rates" in args.sweeps:
-        plan += [("rates", "pgd", rate, 4, 1.0, False) for rate in (0.005, 0.01, 0.02)]
-    if "sizes" in args.sweeps:
-        plan += [("sizes", "pgd", 0.05, size, 1.0, False) for size in (2, 3, 6)]
-    if "methods" in args.sweeps:
-        plan += [("methods", "cw", 0.05, 4, 1.0, False)]
-    for sweep, method, rate, size, lam, clean in plan:
+    for sweep, method, rate, size, lam, clean in PLAN:
+        name = f"{'clean' if clean else method}-rate{rate}-size{size}-lambda{lam}"
+        if sweep not in args.sweeps and not (out / "students" / name / "metrics.json").exists():
+            continue  # runs of other sweeps are only listed when a previous call finished them
         data, manifest = poisoned_set(out, teacher, train, method, rate, size, seed)
         trigger = build_trigger(manifest["trigger"])
         if clean:
             data = data.subset(~data.provenance.poisoned, name="cifar10-train-unpoisoned")
-        name = f"{'clean' if clean else method}-rate{rate}-size{size}-lambda{lam}"
         rec = student(out, name, teacher, data, test, Backdoor(trigger, 0), lam, config, args.student)
         record(name, "baseline" if clean else sweep, method, rate, size, lam, rec, None if clean else manifest)
         print(f"{name}: ACC {rec['metrics']['acc']:.2%} ASR {rec['metrics']['asr']:.2%}", flush=True)
@@ -170,6 +172,9 @@ def plot_lambda(runs: dict, variant: str) -> None:
                                                      and row["sweep"] != "baseline"))
         if points:
             axis.plot(*zip(*points), marker="o", label=label)
+    if not axis.lines:  # no λ run in this call's results: keep the plot a previous call drew
+        plt.close(figure)
+        return
     axis.set_xlabel("λ (weight of the KL term)")
     axis.set_ylabel("student ASR")
     axis.set_ylim(0, 1)
