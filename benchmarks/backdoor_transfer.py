@@ -30,7 +30,7 @@ import torch
 
 from common import variant_suffix, write_results
 from kdbackdoor.data.sources import load_dataset
-from kdbackdoor.defenses.abd import build_data_free_defense
+from kdbackdoor.defenses.abd import DATA_FREE_DEFENSES, build_data_free_defense
 from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
 from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
 from kdbackdoor.distill.data_free import DataFreeConfig, distill_data_free
@@ -116,8 +116,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True, help="backdoored teacher folder (train-teacher --backdoor)")
     parser.add_argument("--scale", choices=list(SCALES), default="digits")
-    parser.add_argument("--methods", nargs="+", default=None, help="data-free methods (default: the scale's)")
-    parser.add_argument("--defenses", nargs="+", default=["none", "abd"])
+    parser.add_argument("--methods", nargs="+", default=None, help="data-free methods (default: the scale's); "
+                        "finished runs of the others in --out stay in the table")
+    parser.add_argument("--defenses", nargs="+", default=["none", "abd"], choices=DATA_FREE_DEFENSES)
     parser.add_argument("--ood-data", default=None, help="transfer set for OOD KD (e.g. npz:.../gtsrb32)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -144,9 +145,16 @@ def main() -> None:
     student_arch = scale["student"]
     rows: dict[str, dict] = {}
 
-    for method in args.methods or list(scale["methods"]):
-        for defense_name in args.defenses:
+    chosen = args.methods or list(scale["methods"])
+    if set(chosen) - set(scale["methods"]):
+        raise SystemExit(f"scale {args.scale} has settings for {', '.join(scale['methods'])} only")
+    for method in scale["methods"]:
+        for defense_name in DATA_FREE_DEFENSES:
             name = f"{method}-{defense_name}"
+            if not (method in chosen and defense_name in args.defenses):
+                if (out / name / "metrics.json").exists():  # finished by an earlier call: keep its row
+                    rows[name] = json.loads((out / name / "metrics.json").read_text())
+                continue
             config = DataFreeConfig(method=method, seed=args.seed, **scale["methods"][method])
 
             def make(config=config, defense_name=defense_name, folder=out / name):
