@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--expected-rate", type=float, default=0.10,
                         help="second removal rule: flag this share (a defender's guess, 2× the true rate)")
     parser.add_argument("--num-views", type=int, default=4, help="robust-kd views per target (CPU time)")
+    parser.add_argument("--jpeg-quality", type=int, default=RobustKDConfig().views.jpeg_quality,
+                        help="JPEG quality of robust-kd's views (lower: stronger views)")
     parser.add_argument("--test-every", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--student", default="small-cnn", help="student architecture (the attack run's)")
@@ -102,6 +104,7 @@ def main() -> None:
     config = TrainConfig(epochs=args.epochs, batch_size=128, lr=0.05, crop_padding=0, hflip=False, eval_every=0,
                          seed=0)
     robust = RobustKDConfig(num_views=args.num_views)
+    robust = robust.model_copy(update={"views": robust.views.model_copy(update={"jpeg_quality": args.jpeg_quality})})
     results["students"] = {}
     scores = flags[best]["scores"]
     plans = {  # "remove": the best filter's own rule, as `audit-data --remove` applies it
@@ -148,7 +151,8 @@ def publish(results: dict, variant: str) -> None:
     if results.get("students"):
         recipe = results["recipe"]
         lines += ["", f"Students ({recipe['student']}, {recipe['epochs']} epochs, λ = 1; best filter by AUROC: "
-                  f"{results['best_filter']}):", "",
+                  f"{results['best_filter']}; robust-kd: {recipe['num_views']} crop-flip + JPEG "
+                  f"{recipe['jpeg_quality']} views):", "",
                   "| student | train size | poisons left | ACC | ASR |", "|---|---|---|---|---|"]
         for name, row in results["attack_students"].items():
             lines.append(f"| {name} (the attack run, {Path(recipe['attack_results']).name}) | {row['train_size']} | "
