@@ -9,8 +9,8 @@ badnets-square (10% poisons, a different target per seed) and clean ones at the 
 Per model: flagged classes, anomaly index and mask norm of the target, the model's ASR as
 recorded when it was made (report only: the scan never sees it), STRIP AUROC with the known
 trigger, and hit = the target flagged (backdoored) / nothing flagged (clean). Writes
-results/scan.{json,md}; finished scans are kept in --out and reused, so an interrupted run
-continues.
+results/scan.{json,md} (with another --out than the default, results/scan_NAME.* after that
+folder's name); finished scans are kept in --out and reused, so an interrupted run continues.
 
 CPU recipe (default): 300 test images, 150 steps of 16 images × 10 classes; about 2-4 CPU
 minutes per CIFAR-10 model on a 2-core machine.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import SHARED, write_results
+from common import SHARED, variant_suffix, write_results
 from kdbackdoor.attacks.teacher_poisoning import PoisonConfig, poison_training_set
 from kdbackdoor.data.sources import load_dataset
 from kdbackdoor.defenses.neural_cleanse import NeuralCleanseConfig
@@ -38,6 +38,7 @@ from kdbackdoor.triggers import build_trigger
 CIFAR = f"imagefolder:{SHARED / 'data' / 'cifar10-jpeg'}"
 CIFAR_TARGET = 0
 CIFAR_TRIGGER = "badnets-square:size=4"
+DEFAULT_OUT = "runs/bench-scan"
 
 
 def scan_once(out: Path, model, data, config: NeuralCleanseConfig, trigger, record: dict) -> dict:
@@ -113,8 +114,9 @@ def digits_rows(args, config: NeuralCleanseConfig, out: Path, rows: list[dict], 
 
 
 def publish(rows: list[dict], recipe: dict) -> None:
-    """Rewrite results/scan.{json,md} with the rows so far (a long run shows progress)."""
-    write_results("scan", {"recipe": recipe, "rows": rows}, markdown(rows, recipe))
+    """Rewrite results/scan[_VARIANT].{json,md} with the rows so far (a long run shows progress)."""
+    write_results("scan" + variant_suffix(recipe["out"], DEFAULT_OUT), {"recipe": recipe, "rows": rows},
+                  markdown(rows, recipe))
 
 
 def markdown(rows: list[dict], recipe: dict) -> str:
@@ -149,7 +151,7 @@ def main() -> None:
     parser.add_argument("--digits-seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--skip-cifar", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/bench-scan")
+    parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
     config = NeuralCleanseConfig(steps=args.steps, batch_size=args.batch_size, adjust_every=5, seed=args.seed)
     out = Path(args.out)
