@@ -26,7 +26,7 @@ err_console = Console(stderr=True, soft_wrap=True)  # errors stay on one line
 
 DATASET_HELP = ("data set: digits (embedded, no download), cifar10, cifar100 (downloaded with checksum "
                 "or read from --data-dir), gtsrb (official layout in --data-dir), imagefolder:PATH, npz:PATH")
-DEVICE_HELP = "auto (CUDA when present), cpu, cuda, cuda:N"
+DEVICE_HELP = "auto (the machine's accelerator, e.g. CUDA, when present), cpu, or that accelerator: cuda, cuda:N, ..."
 DEFENSE = "Defense (--defense)"
 DATA_FREE = "Data-free (--method zskt | dfad | deepinversion | cmi)"
 

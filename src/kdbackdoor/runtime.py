@@ -16,21 +16,24 @@ from kdbackdoor.errors import KDBackdoorError
 Seed = Annotated[int, Field(ge=0, lt=2**63, description="random seed, 0 <= seed < 2^63 (what torch generators take)")]
 """The type of every ``seed`` field in a config."""
 
-DEVICE_TYPES = ("cpu", "cuda")
+def _accelerator() -> torch.device | None:
+    """This machine's accelerator (CUDA, XPU, MPS, ...) as torch reports it, or None."""
+    return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
 
 
 def select_device(name: str | None = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; any other name is passed to torch."""
+    """``auto`` picks the machine's accelerator when present, else CPU; any other name is passed
+    to torch and must be the CPU or that accelerator (e.g. ``cuda:1``)."""
+    accelerator = _accelerator()
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return accelerator or torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError as exc:
         raise KDBackdoorError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from exc
-    if device.type not in DEVICE_TYPES:
-        raise KDBackdoorError(f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KDBackdoorError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type != "cpu" and (accelerator is None or device.type != accelerator.type):
+        present = f"its accelerator is {accelerator.type}" if accelerator else "it has no accelerator"
+        raise KDBackdoorError(f"device {name!r} is not available on this machine ({present}; use auto or cpu)")
     return device
 
 

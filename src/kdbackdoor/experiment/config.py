@@ -176,7 +176,7 @@ class ExperimentConfig(_Section):
 
     name: str = Field("experiment", description="a label for the run (not part of its identity)")
     seed: Seed = Field(0, description="seed of every stage unless the stage sets its own")
-    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
+    device: str = Field("auto", description="auto (the machine's accelerator when present), cpu, cuda, cuda:N, ...")
     data: DataSection = Field(default_factory=DataSection)
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     poison: Optional[PoisonSection] = Field(None, description="null: the distillation set is not poisoned")
