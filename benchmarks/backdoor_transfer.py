@@ -86,12 +86,15 @@ def teacher_backdoor(sidecar: dict) -> Backdoor:
     return Backdoor(build_trigger(recorded["trigger"]), recorded["target"])
 
 
+def finished(folder: Path) -> dict | None:
+    """A finished run's record, or None."""
+    record_path = folder / "metrics.json"
+    return json.loads(record_path.read_text()) if record_path.exists() else None
+
+
 def run(folder: Path, make) -> dict:
     """Reuse a finished run's record, else make it."""
-    record_path = folder / "metrics.json"
-    if record_path.exists():
-        return json.loads(record_path.read_text())
-    return make()
+    return finished(folder) or make()
 
 
 def bare_loop_images_per_s(teacher, student_arch: str, image_shape, batch_size: int, device, steps: int = 20) -> float:
@@ -152,8 +155,8 @@ def main() -> None:
         for defense_name in DATA_FREE_DEFENSES:
             name = f"{method}-{defense_name}"
             if not (method in chosen and defense_name in args.defenses):
-                if (out / name / "metrics.json").exists():  # finished by an earlier call: keep its row
-                    rows[name] = json.loads((out / name / "metrics.json").read_text())
+                if record := finished(out / name):  # finished by an earlier call: keep its row
+                    rows[name] = record
                 continue
             config = DataFreeConfig(method=method, seed=args.seed, **scale["methods"][method])
 

@@ -6,9 +6,10 @@ Sweeps, each student distilled from the same clean teacher on a seeded subset of
   rates   - poison rate {0.5, 1, 2, 5}% at λ = 1 (PGD)
   sizes   - white-square trigger side {2, 3, 4, 6} px at λ = 1 (PGD)
 Finished runs and poisoned sets in --out are reused and interrupted crafting continues, so an
-interrupted sweep goes on where it stopped; the results file is rewritten after every run. Writes results/distill_attack.{json,md} and the
-ASR-vs-λ plot docs/figures/asr_vs_lambda.png; with another --out than the default, a variant's
-files carry that folder's name (results/distill_attack_NAME.*, docs/figures/asr_vs_lambda_NAME.png).
+interrupted sweep goes on where it stopped; the results file is rewritten after every run.
+Writes results/distill_attack.{json,md} and the ASR-vs-λ plot docs/figures/asr_vs_lambda.png;
+with another --out than the default, a variant's files carry that folder's name
+(results/distill_attack_NAME.*, docs/figures/asr_vs_lambda_NAME.png).
 
 CPU recipe (default; about 4-5 min per student on 2 cores): 4,000 training images, every 5th test
 image, small-cnn student, 10 epochs, no augmentation (so the teacher's logits are computed once).

@@ -103,8 +103,8 @@ def main() -> None:
     backdoor = Backdoor(build_trigger(manifest["trigger"]), manifest["target"])
     config = TrainConfig(epochs=args.epochs, batch_size=128, lr=0.05, crop_padding=0, hflip=False, eval_every=0,
                          seed=0)
-    robust = RobustKDConfig(num_views=args.num_views)
-    robust = robust.model_copy(update={"views": robust.views.model_copy(update={"jpeg_quality": args.jpeg_quality})})
+    views = RobustKDConfig().views.model_copy(update={"jpeg_quality": args.jpeg_quality})
+    robust = RobustKDConfig(num_views=args.num_views, views=views)
     results["students"] = {}
     scores = flags[best]["scores"]
     plans = {  # "remove": the best filter's own rule, as `audit-data --remove` applies it
