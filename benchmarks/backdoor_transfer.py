@@ -72,9 +72,9 @@ SCALES = {
     # session 9's faster 2-core CPU, one thread each.
     "cifar-hour": {
         "student": "wrn-16-1", "test_every": 10, "epochs": 3, "sr_start": 0.9,
-        "methods": {"zskt": dict(iterations=2000, batch_size=64, student_steps=5),
+        "methods": {"zskt": dict(iterations=2000, batch_size=64, student_steps=5, eval_every=250),
                     "cmi": dict(iterations=20, synthesis_steps=50, synthesis_batch_size=128, student_steps=100,
-                                batch_size=128)},
+                                batch_size=128, eval_every=5)},
     },
 }
 

@@ -112,6 +112,17 @@ def test_a_poisoned_teachers_backdoor_transfers(method, digits, digits_teacher, 
     assert asr > clean_asr + 0.3, results
 
 
+def test_history_tracks_the_backdoor_when_the_teacher_has_one(digits, backdoored_digits_teacher, tmp_path):
+    _, test = digits
+    teacher, trigger, record = backdoored_digits_teacher
+    config = DataFreeConfig(method="dfad", iterations=4, batch_size=16, student_steps=1, eval_every=2)
+    _, run = distill_data_free(teacher, test, "small-cnn", config, tmp_path, device=CPU, progress=False,
+                               evaluate_teacher=False, backdoor=Backdoor(trigger, record["backdoor"]["target"]))
+    assert [row["iteration"] for row in run["history"]] == [2, 4]
+    assert all(0 <= row["test_asr"] <= 1 for row in run["history"])
+    assert run["history"][-1]["test_asr"] == pytest.approx(run["metrics"]["asr"])  # the same student, measured alike
+
+
 def test_generator_is_saved_for_generator_methods(digits, digits_teacher, tmp_path):
     _, test = digits
     config = DataFreeConfig(method="dfad", iterations=2, batch_size=16, student_steps=1)

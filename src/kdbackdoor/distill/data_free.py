@@ -40,7 +40,7 @@ from kdbackdoor.distill.hooks import DistillDefense, StudentStep
 from kdbackdoor.distill.losses import attention_transfer_loss
 from kdbackdoor.distill.synthesis import SYNTHESIZERS, AdversarialGenerator, PooledSynthesizer, SynthesisContext
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.evaluate import accuracy, check_compatible
+from kdbackdoor.evaluate import accuracy, attack_success_rate, check_compatible
 from kdbackdoor.image_grid import save_image_batch
 from kdbackdoor.models import build_model, save_checkpoint
 from kdbackdoor.models.features import forward_with_features
@@ -140,7 +140,8 @@ def distill_data_free(
 
     Images have the teacher's channels and input size. Writes ``model.safetensors`` (+
     ``model.json``), ``metrics.json`` (student metrics on ``test`` as in dataset KD, history,
-    config, defense record, throughput), the generator for zskt/dfad
+    config, defense record, throughput; every ``eval_every`` iterations test ACC and, with a
+    backdoor, its ASR), the generator for zskt/dfad
     (``generator/generator.safetensors``) and with ``save_samples`` a PNG of the last
     synthetic images. The teacher is frozen. Returns (student, record).
     """
@@ -178,8 +179,12 @@ def distill_data_free(
                 row = {"iteration": done, "synthesis_loss": loss_synthesis, "student_loss": loss_student,
                        "test_acc": accuracy(student, test, device=device)["acc"],
                        "seconds": time.perf_counter() - started}
+                if backdoor is not None:  # so a run shows when the backdoor reaches the student
+                    row["test_asr"] = attack_success_rate(student, test, backdoor.trigger, backdoor.target,
+                                                          device=device)["asr"]
                 history.append(row)
-                bar.update(task, status=f"student loss {loss_student:.3f} test {row['test_acc']:.1%}")
+                bar.update(task, status=f"student loss {loss_student:.3f} test {row['test_acc']:.1%}"
+                           + (f" ASR {row['test_asr']:.1%}" if "test_asr" in row else ""))
             if last or done % config.checkpoint_every == 0:
                 run.save(state_path, done, history)
             bar.advance(task)
