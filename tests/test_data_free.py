@@ -28,10 +28,31 @@ def test_attention_map_and_transfer_loss():
     assert torch.allclose(attention_map(f * 3), a, atol=1e-6)  # scale-free
     assert float(attention_transfer_loss([f], [f])) == pytest.approx(0.0, abs=1e-6)
     g = torch.randn(4, 16, 12, 12)  # another width and twice the size: pooled to 6x6
-    expected = (attention_map(f) - attention_map(torch.nn.functional.adaptive_avg_pool2d(g, 6))).norm(dim=1).mean()
+    # ZSKT's term: squared difference of the unit maps, averaged over samples and positions
+    expected = (attention_map(f) - attention_map(torch.nn.functional.adaptive_avg_pool2d(g, 6))).pow(2).mean()
     assert float(attention_transfer_loss([f], [g])) == pytest.approx(float(expected), rel=1e-5)
     # stages pair from the last one: the student's extra first stage is ignored
     assert float(attention_transfer_loss([g, f], [f])) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_zskt_student_loss_weighs_attention_as_zskt_does(digits_teacher):
+    """ZSKT's loss is KL/K + β·AT (its KL is averaged over classes too); ours is KL + β·K·AT."""
+    from kdbackdoor.distill.data_free import _Run
+    from kdbackdoor.models.features import forward_with_features
+    torch.manual_seed(0)
+    student = build_model("small-cnn", num_classes=10, in_channels=1, input_size=(8, 8))
+    images = torch.rand(16, 1, 8, 8)
+    run = _Run(digits_teacher, student, (1, 8, 8), DataFreeConfig(method="zskt"), CPU, DistillDefense())
+    with_attention = float(run.student_loss(images))
+    run.stages = None
+    kl = float(run.student_loss(images))
+    names = digits_teacher.stage_names
+    with torch.no_grad():
+        _, t = forward_with_features(digits_teacher, images, names)
+        _, s = forward_with_features(student, images, names)
+        attention = float(attention_transfer_loss([s[n] for n in names], [t[n] for n in names]))
+    assert attention > 0
+    assert with_attention - kl == pytest.approx(250.0 * 10 * attention, rel=1e-4)
 
 
 def test_method_defaults_fill_only_what_is_not_given():

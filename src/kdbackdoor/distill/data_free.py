@@ -95,7 +95,8 @@ class DataFreeConfig(BaseModel):
     student_steps: int | None = Field(None, ge=1, description="student steps per iteration")
     loss: Literal["kl", "l1"] | None = Field(None, description="kl: T²·KL(teacher_T ‖ student_T); l1: mean |Δlogit|")
     temperature: float | None = Field(None, gt=0)
-    attention_beta: float | None = Field(None, ge=0, description="weight of attention transfer")
+    attention_beta: float | None = Field(None, ge=0, description="weight of attention transfer, in ZSKT's "
+                                          "convention (against a KL averaged over classes)")
     bn_weight: float | None = Field(None, ge=0, description="BatchNorm-statistics prior (deepinversion, cmi)")
     onehot_weight: float | None = Field(None, ge=0, description="cross-entropy to the round's target classes")
     tv_weight: float | None = Field(None, ge=0, description="total-variation prior (deepinversion)")
@@ -251,7 +252,9 @@ class _Run:
                 with torch.no_grad():
                     teacher_logits, teacher_features = forward_with_features(self.teacher, images, self.stages[0])
                 student_logits, student_features = forward_with_features(self.student, images, self.stages[1])
-                attention = self.config.attention_beta * attention_transfer_loss(
+                # ZSKT averages its KL over classes as well as samples; ours is per sample, so β is
+                # scaled by the class count to keep ZSKT's balance (β = 250 means what it means there).
+                attention = self.config.attention_beta * self.teacher.num_classes * attention_transfer_loss(
                     [student_features[n] for n in self.stages[1]], [teacher_features[n] for n in self.stages[0]])
         per_sample = self.logit_loss(student_logits, teacher_logits)
         if weights is None:

@@ -71,7 +71,8 @@ def attention_map(features: torch.Tensor) -> torch.Tensor:
 
 
 def attention_transfer_loss(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]) -> torch.Tensor:
-    """Sum over paired stages of the mean L2 distance between attention maps.
+    """Sum over paired stages of the squared difference between attention maps, averaged over
+    samples and positions (as Zagoruyko & Komodakis' and ZSKT's code compute it).
 
     Stages are paired from the last one backwards (as many as the shorter list has); when a
     pair's spatial sizes differ, the larger map is average-pooled to the smaller size.
@@ -81,5 +82,5 @@ def attention_transfer_loss(student_features: list[torch.Tensor], teacher_featur
         size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
         s = F.adaptive_avg_pool2d(s, size) if s.shape[-2:] != size else s
         t = F.adaptive_avg_pool2d(t, size) if t.shape[-2:] != size else t
-        total = total + (attention_map(s) - attention_map(t)).norm(dim=1).mean()
+        total = total + (attention_map(s) - attention_map(t)).pow(2).mean()
     return total
