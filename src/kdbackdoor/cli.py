@@ -387,7 +387,8 @@ def distill_cmd(
                                                  "(deepinversion 0.05)", rich_help_panel=DATA_FREE),
     student_lr: Optional[float] = typer.Option(None, help="student step (zskt Adam 2e-3, others SGD 0.1)",
                                                rich_help_panel=DATA_FREE),
-    attention_beta: Optional[float] = typer.Option(None, help="attention-transfer weight β, in ZSKT's convention (zskt 250; 0 leaves it out)",
+    attention_beta: Optional[float] = typer.Option(None, help="attention-transfer weight β, in ZSKT's convention "
+                                                   "(zskt 250; 0 leaves it out)",
                                                    rich_help_panel=DATA_FREE),
     bn_weight: Optional[float] = typer.Option(None, help="BatchNorm-statistics prior (deepinversion 10, cmi 1)",
                                               rich_help_panel=DATA_FREE),

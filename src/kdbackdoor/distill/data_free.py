@@ -40,7 +40,7 @@ from kdbackdoor.distill.hooks import DistillDefense, StudentStep
 from kdbackdoor.distill.losses import attention_transfer_loss
 from kdbackdoor.distill.synthesis import SYNTHESIZERS, AdversarialGenerator, PooledSynthesizer, SynthesisContext
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.evaluate import accuracy, attack_success_rate, check_compatible
+from kdbackdoor.evaluate import check_compatible
 from kdbackdoor.image_grid import save_image_batch
 from kdbackdoor.models import build_model, save_checkpoint
 from kdbackdoor.models.features import forward_with_features
@@ -170,6 +170,7 @@ def distill_data_free(
     started = time.perf_counter()
     columns = [TextColumn(f"[bold]{config.method} {student_arch}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
+    metrics = None  # the student's latest measurement; the last one becomes the record's
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("distill", total=config.iterations, completed=start, status="")
         for iteration in range(start, config.iterations):
@@ -177,12 +178,11 @@ def distill_data_free(
             done = iteration + 1
             last = done == config.iterations
             if last or (config.eval_every and done % config.eval_every == 0):
+                metrics = student_metrics(student, test, backdoor, device)
                 row = {"iteration": done, "synthesis_loss": loss_synthesis, "student_loss": loss_student,
-                       "test_acc": accuracy(student, test, device=device)["acc"],
-                       "seconds": time.perf_counter() - started}
-                if backdoor is not None:  # so a run shows when the backdoor reaches the student
-                    row["test_asr"] = attack_success_rate(student, test, backdoor.trigger, backdoor.target,
-                                                          device=device)["asr"]
+                       "test_acc": metrics["acc"], "seconds": time.perf_counter() - started}
+                if "asr" in metrics:  # so a run shows when the backdoor reaches the student
+                    row["test_asr"] = metrics["asr"]
                 history.append(row)
                 bar.update(task, status=f"student loss {loss_student:.3f} test {row['test_acc']:.1%}"
                            + (f" ASR {row['test_asr']:.1%}" if "test_asr" in row else ""))
@@ -193,7 +193,7 @@ def distill_data_free(
     record = {
         "method": config.method, "student_arch": student_arch, "config": config.model_dump(),
         "test": {"name": test.name, "size": len(test)}, "backdoor": backdoor_record(backdoor),
-        "defense": defense.record(), "metrics": student_metrics(student, test, backdoor, device),
+        "defense": defense.record(), "metrics": metrics or student_metrics(student, test, backdoor, device),
         "history": history, "throughput": run.throughput(),
         "wall_seconds_this_session": time.perf_counter() - started, "device": str(device), **(metadata or {}),
     }
