@@ -122,7 +122,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="data-free methods (default: the scale's); "
                         "finished runs of the others in --out stay in the table")
     parser.add_argument("--defenses", nargs="+", default=["none", "abd"], choices=DATA_FREE_DEFENSES)
-    parser.add_argument("--ood-data", default=None, help="transfer set for OOD KD (e.g. npz:.../gtsrb32)")
+    parser.add_argument("--ood-data", default=None, help="also OOD KD on this transfer set (e.g. "
+                        "npz:.../gtsrb32), with each of --defenses")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sv-always", action="store_true", help="Shuffling Vaccine on from the start, no tail "
@@ -151,6 +152,8 @@ def main() -> None:
     chosen = args.methods or list(scale["methods"])
     if set(chosen) - set(scale["methods"]):
         raise SystemExit(f"scale {args.scale} has settings for {', '.join(scale['methods'])} only")
+    vaccine = ShufflingVaccineConfig(tail_test=not args.sv_always, seed=args.seed)
+    retrospection = SelfRetrospectionConfig(start=scale["sr_start"], rounds=args.sr_rounds, seed=args.seed)
     for method in scale["methods"]:
         for defense_name in DATA_FREE_DEFENSES:
             name = f"{method}-{defense_name}"
@@ -161,10 +164,7 @@ def main() -> None:
             config = DataFreeConfig(method=method, seed=args.seed, **scale["methods"][method])
 
             def make(config=config, defense_name=defense_name, folder=out / name):
-                defense = build_data_free_defense(
-                    defense_name, vaccine=ShufflingVaccineConfig(tail_test=not args.sv_always, seed=args.seed),
-                    retrospection=SelfRetrospectionConfig(start=scale["sr_start"], rounds=args.sr_rounds,
-                                                          seed=args.seed))
+                defense = build_data_free_defense(defense_name, vaccine=vaccine, retrospection=retrospection)
                 return distill_data_free(teacher, test, student_arch, config, folder, device=device,
                                          backdoor=backdoor, defense=defense, resume=True, progress=False)[1]
             rows[name] = run(out / name, make)
@@ -176,11 +176,18 @@ def main() -> None:
     rows["clean-data-kd"] = run(out / "clean-data-kd", lambda: distill(
         teacher, train, test, student_arch, train_config, kl_only, out / "clean-data-kd", device=device,
         backdoor=backdoor, resume=True, progress=False)[1])
-    if args.ood_data:
-        ood = load_dataset(args.ood_data, "train", resize=test.image_shape[-1])
-        rows["ood-none"] = run(out / "ood-none", lambda: distill(
-            teacher, ood, test, student_arch, train_config, kl_only, out / "ood-none", device=device,
-            backdoor=backdoor, resume=True, progress=False)[1])
+    ood = load_dataset(args.ood_data, "train", resize=test.image_shape[-1]) if args.ood_data else None
+    for defense_name in DATA_FREE_DEFENSES:  # OOD KD: the vaccine filters the transfer set, SR is a step hook
+        name = f"ood-{defense_name}"
+        if ood is None or defense_name not in args.defenses:
+            if record := finished(out / name):
+                rows[name] = record
+            continue
+        rows[name] = run(out / name, lambda name=name, defense_name=defense_name: distill(
+            teacher, ood, test, student_arch, train_config, kl_only, out / name, device=device, backdoor=backdoor,
+            resume=True, progress=False, vaccine=vaccine if defense_name in ("abd", "sv") else None,
+            retrospection=retrospection if defense_name in ("abd", "sr") else None)[1])
+        print(name, rows[name]["metrics"].get("acc"), rows[name]["metrics"].get("asr"), flush=True)
 
     bare = bare_loop_images_per_s(teacher, student_arch, test.image_shape, 64, device)
     teacher_metrics = rows["clean-data-kd"]["teacher_metrics"]

@@ -155,8 +155,12 @@ def test_self_retrospection_unlearns_an_inherited_backdoor(backdoored_digits_tea
 
 def test_self_retrospection_waits_for_its_start(digits_teacher):
     defense = SelfRetrospection(SelfRetrospectionConfig(start=0.5))
+    defense.setup(digits_teacher, None, CPU)
     defense.on_iteration(4, 10)
-    assert defense.student_step(None, torch.rand(4, 1, 8, 8), None) is None  # plain step before the start
+    student = build_model("small-cnn", num_classes=10, in_channels=1, input_size=(8, 8)).train()
+    step = _student_step(student, digits_teacher)
+    assert defense.student_step(step, torch.rand(4, 1, 8, 8), None) is None  # plain step before the start
+    assert defense.steps == 0
     defense.on_iteration(5, 10)
     assert defense.active
 
@@ -242,3 +246,30 @@ def test_cli_defenses_for_data_free_distillation(monkeypatch, capsys, tmp_path):
                        "--out", tmp_path / "y")
     assert code == 2 and "--sv-copies" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_abd_for_ood_distillation_filters_the_transfer_set_then_unlearns(backdoored_digits_teacher, digits,
+                                                                          tmp_path):
+    """OOD KD (a data set as transfer set): the vaccine drops images before training, and
+    Self-Retrospection runs as a step hook from its start on."""
+    from kdbackdoor.distill.dataset_kd import distill
+    from kdbackdoor.distill.losses import KDConfig
+    from kdbackdoor.training import TrainConfig
+    teacher, trigger, _ = backdoored_digits_teacher
+    train, test = digits
+    transfer = train.subset(torch.arange(200), name="transfer")
+    config = TrainConfig(epochs=2, batch_size=50, lr=0.05, crop_padding=0, hflip=False, eval_every=0)
+    _, record = distill(teacher, transfer, test, "small-cnn", config, KDConfig(kd_lambda=1.0), tmp_path / "abd",
+                        device=CPU, progress=False, evaluate_teacher=False,
+                        vaccine=ShufflingVaccineConfig(tail_test=False),
+                        retrospection=SelfRetrospectionConfig(rounds=2, start=0.5))
+    sv, sr = record["defense"]["parts"]
+    assert record["defense"]["name"] == "abd" and sv["enabled"] is True and sv["dropped"] > 0
+    kept = 200 - sv["dropped"]
+    assert record["train"]["size"] == kept
+    steps = 2 * -(-kept // 50)
+    assert sr["steps"] == steps - steps // 2  # the second half of the steps
+    _, record = distill(teacher, transfer, test, "small-cnn", config, KDConfig(kd_lambda=1.0), tmp_path / "sr",
+                        device=CPU, progress=False, evaluate_teacher=False,
+                        retrospection=SelfRetrospectionConfig(rounds=1))
+    assert record["defense"]["name"] == "sr" and record["defense"]["steps"] == 8 and record["train"]["size"] == 200

@@ -181,6 +181,17 @@ def test_ood_distillation_uses_any_images_and_the_teachers_test_set(backdoored_t
     assert record["metrics"]["acc"] > 0.3  # learned digits from upside-down ones (chance 0.1)
 
 
+def test_ood_distillation_takes_abd(backdoored_teacher, ood_set, monkeypatch, capsys, tmp_path):
+    code, out, err = run(monkeypatch, capsys, "distill", "--teacher", backdoored_teacher, "--method", "ood",
+                         "--data", f"npz:{ood_set}", "--out", tmp_path / "s", "--epochs", "1", "--defense", "abd",
+                         "--no-sv-tail-test", "--sr-rounds", "1", "--sr-start", "0.9", *TRAIN[2:])
+    assert code == 0, err
+    record = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    sv, sr = record["defense"]["parts"]
+    assert record["defense"]["name"] == "abd" and sv["enabled"] is True
+    assert record["train"]["size"] == 1438 - sv["dropped"] and sr["config"]["rounds"] == 1 and sr["steps"] >= 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "ood", "--kd-lambda", "0.5"], "needs --kd-lambda 1"),
     (["--kd-lambda", "0.5", "--cutmix", "0.5"], "CutMix"),

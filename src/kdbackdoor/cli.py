@@ -322,9 +322,9 @@ def distill_cmd(
     target: Optional[int] = typer.Option(None, help="ASR target (default: the poisoned set's or the teacher's)"),
     evaluate_teacher: bool = typer.Option(True, help="also record the teacher's ACC/ASR on the test set"),
     defense: str = typer.Option("none", help="none | robust-kd (dataset/ood: teacher targets averaged over "
-                                "random views of each image, see docs/defenses-data.md) | abd | sv | sr (data-free: "
-                                "ABD's Shuffling Vaccine and/or Self-Retrospection; sv also filters ood transfer "
-                                "images; see docs/abd.md)",
+                                "random views of each image, see docs/defenses-data.md) | abd | sv | sr (data-free and "
+                                "ood: ABD's Shuffling Vaccine and/or Self-Retrospection; for ood the vaccine drops "
+                                "backdoor-like transfer images; see docs/abd.md)",
                                 rich_help_panel=DEFENSE),
     sv_coefficient: float = typer.Option(0.1, help="sv/abd: weight of the vaccine's synthesis term",
                                          rich_help_panel=DEFENSE),
@@ -473,13 +473,14 @@ def distill_cmd(
     metadata = {"method": method, "dataset": test_record, "transfer_set": record_dataset,
                 "teacher": {"path": str(teacher), "weights_sha256": sidecar.get("weights_sha256")},
                 "poisoned_set": _poisoned_set_summary(data, manifest) if manifest else None}
-    if defense == "sv":
-        from kdbackdoor.defenses.shuffling_vaccine import vaccinate_transfer_set
-        train, metadata["defense"] = vaccinate_transfer_set(model, train, _vaccine_config(
-            sv_coefficient, sv_copies, sv_layers, sv_tail_test, seed), device=dev)
+    vaccine = (_vaccine_config(sv_coefficient, sv_copies, sv_layers, sv_tail_test, seed)
+               if defense in ("sv", "abd") else None)
+    retrospection = (_retrospection_config(sr_rounds, sr_portion, sr_start, sr_phase_lr, sr_perturb_model, seed)
+                     if defense in ("sr", "abd") else None)
     _, record = distill(model, train, test, student_arch, config, kd, out, device=dev, backdoor=backdoor,
                         baseline=use_baseline, evaluate_teacher=evaluate_teacher, resume=resume,
-                        progress=progress, metadata=metadata, robust=robust)
+                        progress=progress, metadata=metadata, robust=robust, vaccine=vaccine,
+                        retrospection=retrospection)
     console.print(_run_summary(record))
     console.print(f"→ {out / 'model.safetensors'}")
 
@@ -959,18 +960,14 @@ def _distill_data_free(teacher, student_arch, config, defense, test_data, data_d
     console.print(f"→ {out / 'model.safetensors'}")
 
 
-DISTILL_DEFENSES = {"none": None, "robust-kd": ("dataset", "ood"), "abd": DATA_FREE_METHODS,
-                    "sv": (*DATA_FREE_METHODS, "ood"), "sr": DATA_FREE_METHODS}
-"""``distill --defense`` values and the --method values each supports (None: every method)."""
-
-
 def _distill_defense(defense, method, views, num_views, noise_sigma, blur_sigma, jpeg_quality, seed):
     """Validate ``--defense`` against ``--method`` (the one place that does); the robust-kd
     settings, or None when no defense changes the distillation."""
-    if defense not in DISTILL_DEFENSES:
-        raise KDBackdoorError(f"unknown --defense {defense!r}; use {' | '.join(DISTILL_DEFENSES)}")
-    methods = DISTILL_DEFENSES[defense]
-    if methods is not None and method not in methods:
+    from kdbackdoor.experiment.config import DEFENSES
+    if defense not in DEFENSES:
+        raise KDBackdoorError(f"unknown --defense {defense!r}; use {' | '.join(DEFENSES)}")
+    methods = DEFENSES[defense]
+    if method in DEFENSES["none"] and method not in methods:
         raise KDBackdoorError(f"--defense {defense} works with --method {' | '.join(methods)}, not {method!r}")
     if defense != "robust-kd":
         return None
@@ -987,17 +984,21 @@ def _vaccine_config(sv_coefficient, sv_copies, sv_layers, sv_tail_test, seed):
                       coefficient=sv_coefficient, copies=sv_copies, layers=sv_layers, tail_test=sv_tail_test, seed=seed)
 
 
+def _retrospection_config(sr_rounds, sr_portion, sr_start, sr_phase_lr, sr_perturb_model, seed):
+    from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
+    return _validated(SelfRetrospectionConfig,
+                      {f: f"--sr-{f.replace('_', '-')}" for f in SelfRetrospectionConfig.model_fields},
+                      rounds=sr_rounds, portion=sr_portion, start=sr_start,
+                      phase_lr=sr_phase_lr or None, perturb_model=sr_perturb_model, seed=seed)
+
+
 def _data_free_defense(defense, sv_coefficient, sv_copies, sv_layers, sv_tail_test, sr_rounds, sr_portion,
                        sr_start, sr_phase_lr, sr_perturb_model, seed):
     """The ABD defense object for ``--defense abd|sv|sr`` (None for none), settings validated."""
     from kdbackdoor.defenses.abd import build_data_free_defense
-    from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
-    retrospection = _validated(SelfRetrospectionConfig,
-                               {f: f"--sr-{f.replace('_', '-')}" for f in SelfRetrospectionConfig.model_fields},
-                               rounds=sr_rounds, portion=sr_portion, start=sr_start,
-                               phase_lr=sr_phase_lr or None, perturb_model=sr_perturb_model, seed=seed)
     return build_data_free_defense(defense, _vaccine_config(sv_coefficient, sv_copies, sv_layers, sv_tail_test, seed),
-                                   retrospection)
+                                   _retrospection_config(sr_rounds, sr_portion, sr_start, sr_phase_lr,
+                                                         sr_perturb_model, seed))
 
 
 def _distill_backdoor(trigger, target, manifest, teacher_backdoor, image_shape, seed):

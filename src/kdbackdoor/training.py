@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,6 +30,28 @@ STATE_FILE = "train_state.pt"
 # loss_fn(model, pixels [0,1] (B,C,H,W) after augmentation, labels (B,), dataset rows (B,))
 #   -> (scalar loss, student logits (B, K))
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class StepHook(Protocol):
+    """Something that adds to each training step's gradient (e.g. Self-Retrospection's unlearning)."""
+
+    def extra_gradients(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                        step: int, total: int) -> list[torch.Tensor] | None:
+        """Gradients to add to the loss's before optimiser step ``step`` (0-based) of ``total``, one per
+        trainable parameter of ``model`` in ``parameters()`` order, for the batch of pixel ``x``
+        (None: nothing to add). May set the optimiser's learning rate for this step."""
+
+    def state_dict(self) -> dict:
+        """Resumable state (tensors and plain data only)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` gave."""
+
+
+def add_gradients(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """Add ``grads`` to the ``.grad`` of ``params`` (setting it where there is none yet)."""
+    for p, g in zip(params, grads):
+        p.grad = g if p.grad is None else p.grad + g
 
 
 class TrainConfig(BaseModel):
@@ -106,11 +128,13 @@ def fit(
     progress: bool = True,
     description: str = "train",
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    step_hook: StepHook | None = None,
 ) -> list[dict]:
     """Train ``model`` in place for ``config.epochs``; return the per-epoch history.
 
     History rows: epoch, loss, train_acc (on augmented batches), test_acc (when evaluated),
-    lr, seconds, images_per_s. ``out_dir/train_state.pt`` holds the resumable state.
+    lr, seconds, images_per_s. ``out_dir/train_state.pt`` holds the resumable state (with
+    ``step_hook``'s own). ``step_hook`` adds gradients to every step.
     """
     device = device or next(model.parameters()).device
     out_dir = Path(out_dir)
@@ -140,6 +164,8 @@ def fit(
             scheduler.load_state_dict(state["scheduler"])
             generator.set_state(state["generator"])
             history, start_epoch = state["history"], state["epoch"]
+            if step_hook is not None:
+                step_hook.load_state_dict(state["step_hook"])
         except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise KDBackdoorError(f"{state_path}: cannot resume from this training state ({reason}); "
@@ -160,10 +186,15 @@ def fit(
             for step, (x, y, idx) in enumerate(batches):
                 x = augment(x, crop_padding=config.crop_padding, hflip=config.hflip, cutmix_p=config.cutmix,
                             generator=generator).contiguous(memory_format=torch.channels_last)
+                # before the loss: the hook's passes may touch BatchNorm buffers the loss's backward reads
+                extra = (step_hook.extra_gradients(model, optimizer, x, epoch * steps_per_epoch + step, total_steps)
+                         if step_hook is not None else None)
                 with autocast(device):
                     loss, logits = loss_fn(step_model, x, y, idx)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if extra is not None:
+                    add_gradients([p for p in model.parameters() if p.requires_grad], extra)
                 optimizer.step()
                 scheduler.step()
                 loss_sum += loss.detach() * len(y)
@@ -186,7 +217,7 @@ def fit(
                 row["test_acc"] = accuracy(model, test, device=device)["acc"]
             history.append(row)
             bar.update(task, status=_status(row))
-            _save_state(state_path, epoch + 1, model, optimizer, scheduler, generator, history)
+            _save_state(state_path, epoch + 1, model, optimizer, scheduler, generator, history, step_hook)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, row)
     model.eval()
@@ -198,10 +229,12 @@ def _status(row: dict) -> str:
     return text + (f" test {row['test_acc']:.1%}" if "test_acc" in row else "")
 
 
-def _save_state(path: Path, epoch: int, model, optimizer, scheduler, generator, history) -> None:
+def _save_state(path: Path, epoch: int, model, optimizer, scheduler, generator, history, step_hook) -> None:
     state = {
         "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "history": history,
     }
+    if step_hook is not None:
+        state["step_hook"] = step_hook.state_dict()
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

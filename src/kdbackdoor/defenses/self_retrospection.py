@@ -13,6 +13,9 @@ At each student step, on the synthetic batch x (pixel [0, 1]):
    the implicit hyper-gradient (``kdbackdoor.defenses.hypergradient``);
 3. add the usual distillation gradient on x and take the optimiser step.
 
+It plugs into data-free distillation as the student step (``student_step``) and into
+distillation on a data set (OOD KD) as a ``fit`` step hook (``extra_gradients``).
+
 The perturbed passes run with the student's BatchNorm running statistics preserved. With
 ``start`` > 0 the defense stays idle for that share of the iterations and then acts as a short
 final fine-tuning phase, as in ABD: the student's learning rate restarts at ``phase_lr`` and
@@ -33,6 +36,7 @@ from kdbackdoor.defenses.hypergradient import implicit_hypergradient
 from kdbackdoor.distill.hooks import DistillDefense, StudentStep
 from kdbackdoor.models.batchnorm import preserved_batchnorm_statistics
 from kdbackdoor.runtime import Seed, cpu_generator
+from kdbackdoor.training import add_gradients
 
 
 class SelfRetrospectionConfig(BaseModel):
@@ -87,9 +91,30 @@ class SelfRetrospection(DistillDefense):
             self.phase_progress = (iteration - first) / (total - first)
 
     def student_step(self, step: StudentStep, images: torch.Tensor, weights: torch.Tensor | None) -> float | None:
+        grads = self.unlearning_gradients(step.student, step.optimizer, images)
+        if grads is None:
+            return None
+        step.optimizer.zero_grad(set_to_none=True)
+        loss = step.loss(images, weights)
+        loss.backward()
+        add_gradients([p for p in step.student.parameters() if p.requires_grad], grads)
+        step.optimizer.step()
+        return float(loss.detach())
+
+    def extra_gradients(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                        step: int, total: int) -> list[torch.Tensor] | None:
+        """As a ``fit`` step hook (distillation on a data set, e.g. OOD): each optimiser step is an
+        iteration of the schedule (``start``, ``phase_lr``)."""
+        self.on_iteration(step, total)
+        return self.unlearning_gradients(model, optimizer, x)
+
+    def unlearning_gradients(self, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                             images: torch.Tensor) -> list[torch.Tensor] | None:
+        """The hyper-gradient that unlearns the batch's universal perturbation, one per trainable
+        parameter of ``student`` (None while idle); in the final phase also sets ``optimizer``'s
+        learning rate for this step."""
         if not self.active:
             return None
-        student = step.student
         with preserved_batchnorm_statistics(student):
             delta = self.search_perturbation(student if self.config.perturb_model == "student" else self.teacher,
                                              images)
@@ -98,16 +123,10 @@ class SelfRetrospection(DistillDefense):
                                            lambda d: self._outer_loss(student, images, d),
                                            inner_lr=self.config.inner_lr, iterations=self.config.fixed_point_iterations)
         if self.phase_progress is not None:  # overrides the run's schedule for the whole phase
-            for group in step.optimizer.param_groups:
+            for group in optimizer.param_groups:
                 group["lr"] = self.config.phase_lr * (1 + math.cos(math.pi * self.phase_progress)) / 2
-        step.optimizer.zero_grad(set_to_none=True)
-        loss = step.loss(images, weights)
-        loss.backward()
-        for p, g in zip(params, grads):
-            p.grad = g if p.grad is None else p.grad + g
-        step.optimizer.step()
         self.steps += 1
-        return float(loss.detach())
+        return grads
 
     def search_perturbation(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         """The universal perturbation (1, C, H, W), pixel units, that most changes ``model`` on ``images``."""

@@ -22,6 +22,8 @@ import torch
 from kdbackdoor.atomic import write_json
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.defenses.robust_kd import RobustKDConfig, RobustTeacher, robust_kd_record
+from kdbackdoor.defenses.self_retrospection import SelfRetrospection, SelfRetrospectionConfig
+from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig, vaccinate_transfer_set
 from kdbackdoor.distill.losses import KDConfig, kd_loss, precompute_logits
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.evaluate import check_compatible, model_metrics
@@ -64,6 +66,8 @@ def distill(
     progress: bool = True,
     metadata: dict | None = None,
     robust: RobustKDConfig | None = None,
+    vaccine: ShufflingVaccineConfig | None = None,
+    retrospection: SelfRetrospectionConfig | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Distill ``teacher`` into a new ``student_arch`` on ``train``; write the run to ``out_dir``.
 
@@ -73,7 +77,10 @@ def distill(
     (``evaluate_teacher``), and with ``baseline`` the same for a student distilled in
     ``out_dir/baseline`` on ``train`` without its poisoned rows. With ``robust`` (the
     robust-kd defense) the teacher's targets are averaged over random views of each image
-    (``kdbackdoor.defenses.robust_kd``), the baseline's too. Returns (student, record).
+    (``kdbackdoor.defenses.robust_kd``), the baseline's too. ABD's halves, for OOD KD: with
+    ``vaccine`` the Shuffling Vaccine first drops backdoor-like transfer images (if its tail
+    test passes); with ``retrospection`` every student step also unlearns Self-Retrospection's
+    universal perturbation. Returns (student, record).
     """
     out_dir = Path(out_dir)
     labels_used = kd.kd_lambda < 1
@@ -84,14 +91,18 @@ def distill(
     if train.image_shape != test.image_shape:
         raise KDBackdoorError(f"training images are {train.image_shape} but test images {test.image_shape}")
     started = time.perf_counter()
+    vaccine_record = None
+    if vaccine is not None:
+        train, vaccine_record = vaccinate_transfer_set(teacher, train, vaccine, device=device)
     student, record = _distill_one(teacher, train, test, student_arch, config, kd, out_dir, device=device,
-                                   backdoor=backdoor, resume=resume, progress=progress, robust=robust)
+                                   backdoor=backdoor, resume=resume, progress=progress, robust=robust,
+                                   retrospection=retrospection, vaccine_record=vaccine_record)
     if evaluate_teacher:
         record["teacher_metrics"] = student_metrics(teacher, test, backdoor, device)
     if baseline:
         record["baseline"] = _baseline(teacher, train, test, student_arch, config, kd, out_dir / BASELINE_DIR,
                                        device=device, backdoor=backdoor, resume=resume, progress=progress,
-                                       robust=robust)
+                                       robust=robust, retrospection=retrospection, vaccine_record=vaccine_record)
     record.update(wall_seconds_this_session=time.perf_counter() - started, device=str(device),
                   environment=environment(device, config.seed), **(metadata or {}))
     _save_run(student, record, out_dir, test.classes,
@@ -107,7 +118,7 @@ def _save_run(student, record: dict, out_dir: Path, classes: list[str], extra_fi
 
 
 def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, device, backdoor, resume, progress,
-                 robust=None):
+                 robust=None, retrospection=None, vaccine_record=None):
     seed_everything(config.seed)
     c, h, w = train.image_shape
     student = build_model(student_arch, num_classes=test.num_classes, in_channels=c, input_size=(h, w)).to(device)
@@ -116,8 +127,15 @@ def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, dev
     augmented = config.crop_padding > 0 or config.hflip or config.cutmix > 0
     # without augmentation every row always looks the same: the teacher runs once per row, not per epoch
     cached = None if augmented or kd.kd_lambda == 0 else precompute_logits(targets, train.images.to(device))
+    unlearning = None
+    if retrospection is not None:
+        unlearning = SelfRetrospection(retrospection)
+        unlearning.setup(teacher, student, device)
     history = fit(student, train, config, out_dir, loss_fn=kd_loss(targets, kd, cached), test=test, device=device,
-                  resume=resume, progress=progress, description=f"distill {student_arch}")
+                  resume=resume, progress=progress, description=f"distill {student_arch}", step_hook=unlearning)
+    parts = [vaccine_record] if vaccine_record is not None else []
+    parts += [robust_kd_record(robust, cached is not None)] if robust is not None else []
+    parts += [unlearning.record()] if unlearning is not None else []
     poisoned = int(train.provenance.poisoned.sum()) if train.provenance is not None else 0
     record = {
         "student_arch": student_arch,
@@ -126,7 +144,7 @@ def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, dev
         "config": config.model_dump(),
         "kd": kd.model_dump(),
         "teacher_logits_cached": cached is not None,
-        "defense": robust_kd_record(robust, cached is not None) if robust is not None else None,
+        "defense": combined_record(parts),
         "backdoor": backdoor_record(backdoor),
         "metrics": student_metrics(student, test, backdoor, device),
         "history": history,
@@ -135,7 +153,7 @@ def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, dev
 
 
 def _baseline(teacher, train, test, student_arch, config, kd, out_dir, *, device, backdoor, resume, progress,
-              robust=None):
+              robust=None, retrospection=None, vaccine_record=None):
     """The same distillation without the poisoned rows (reused when a finished one is there)."""
     if train.provenance is None or not train.provenance.poisoned.any():
         raise KDBackdoorError("a baseline needs a poisoned training set (its provenance marks no poison)")
@@ -145,9 +163,19 @@ def _baseline(teacher, train, test, student_arch, config, kd, out_dir, *, device
         return json.loads(record_path.read_text())
     clean = train.subset(~train.provenance.poisoned, name=f"{train.name}-without-poisons")
     student, record = _distill_one(teacher, clean, test, student_arch, config, kd, out_dir, device=device,
-                                   backdoor=backdoor, resume=resume, progress=progress, robust=robust)
+                                   backdoor=backdoor, resume=resume, progress=progress, robust=robust,
+                                   retrospection=retrospection, vaccine_record=vaccine_record)
     _save_run(student, record, out_dir, test.classes, [])
     return record
+
+
+def combined_record(parts: list[dict]) -> dict | None:
+    """The run record's ``defense``: None, the one defense's record, or several as parts
+    (Shuffling Vaccine + Self-Retrospection are named abd, as in data-free runs)."""
+    if len(parts) < 2:
+        return parts[0] if parts else None
+    names = [part["name"] for part in parts]
+    return {"name": "abd" if names == ["sv", "sr"] else "+".join(names), "parts": parts}
 
 
 def student_metrics(model: torch.nn.Module, test: ImageDataset, backdoor: Backdoor | None,

@@ -41,8 +41,9 @@ from kdbackdoor.training import TrainConfig
 DATASET_METHODS = ("dataset", "ood")
 DATA_FREE_METHODS = ("zskt", "dfad", "deepinversion", "cmi")
 DISTILL_METHODS = DATASET_METHODS + DATA_FREE_METHODS
-DEFENSES = {"none": DISTILL_METHODS, "abd": DATA_FREE_METHODS, "sv": DATA_FREE_METHODS,
-            "sr": DATA_FREE_METHODS, "robust-kd": DATASET_METHODS}
+# defense -> the methods it applies to (ABD's to the data-free ones and to OOD KD)
+DEFENSES = {"none": DISTILL_METHODS, "abd": (*DATA_FREE_METHODS, "ood"), "sv": (*DATA_FREE_METHODS, "ood"),
+            "sr": (*DATA_FREE_METHODS, "ood"), "robust-kd": DATASET_METHODS}
 TRACKERS = ("none", "tensorboard", "mlflow")
 
 # Fields that label a run or choose where it runs, not what it computes: not hashed.
@@ -114,7 +115,7 @@ class DistillSection(_Section):
     method: Literal[DISTILL_METHODS] = Field("dataset", description="dataset: the transfer set with its labels; "
                                              "ood: images of another data set, KL only; zskt, dfad, "
                                              "deepinversion, cmi: data-free")
-    defense: Literal[tuple(DEFENSES)] = Field("none", description="none | abd | sv | sr (data-free) | "
+    defense: Literal[tuple(DEFENSES)] = Field("none", description="none | abd | sv | sr (data-free, ood) | "
                                               "robust-kd (dataset, ood)")
     student_arch: str = Field("small-cnn", description="student architecture")
     data: Optional[str] = Field(None, description="transfer set spec (default: the data set's train split; "

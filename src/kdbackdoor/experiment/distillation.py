@@ -66,22 +66,25 @@ def distill_student(
     seed = config.stage_seed("distill")
     common = dict(device=device, backdoor=backdoor, evaluate_teacher=config.evaluation.evaluate_teacher,
                   resume=True, progress=progress, metadata=metadata)
+    from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
+    from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
+    seeded = {"seed": seed}
+    vaccine = ((section.vaccine or ShufflingVaccineConfig()).model_copy(update=seeded)
+               if section.defense in ("abd", "sv") else None)
+    retrospection = ((section.retrospection or SelfRetrospectionConfig()).model_copy(update=seeded)
+                     if section.defense in ("abd", "sr") else None)
     if section.method in DATA_FREE_METHODS:
         from kdbackdoor.defenses.abd import build_data_free_defense
-        from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
-        from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
         from kdbackdoor.distill.data_free import distill_data_free
-        seeded = {"seed": seed}
-        defense = build_data_free_defense(
-            section.defense, vaccine=(section.vaccine or ShufflingVaccineConfig()).model_copy(update=seeded),
-            retrospection=(section.retrospection or SelfRetrospectionConfig()).model_copy(update=seeded))
+        defense = build_data_free_defense(section.defense, vaccine=vaccine, retrospection=retrospection)
         _, record = distill_data_free(teacher, test, section.student_arch, _data_free_config(config), out_dir,
                                       defense=defense, **common)
         return record
+    from kdbackdoor.defenses.robust_kd import RobustKDConfig
     from kdbackdoor.distill.dataset_kd import distill
     train_config = section.train.model_copy(update={"seed": seed})
-    from kdbackdoor.defenses.robust_kd import RobustKDConfig
     robust = RobustKDConfig(seed=seed) if section.defense == "robust-kd" else None
     _, record = distill(teacher, transfer, test, section.student_arch, train_config, section.kd, out_dir,
-                        baseline=section.baseline, robust=robust, **common)
+                        baseline=section.baseline, robust=robust, vaccine=vaccine, retrospection=retrospection,
+                        **common)
     return record
