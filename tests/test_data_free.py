@@ -66,6 +66,9 @@ def test_method_defaults_fill_only_what_is_not_given():
     cmi = DataFreeConfig(method="cmi")
     assert (cmi.synthesis_steps, cmi.bn_weight, cmi.onehot_weight, cmi.adv_weight, cmi.contrastive_weight) == (
         200, 1.0, 0.5, 0.5, 0.8)
+    # a pooled method's round takes minutes: its state is saved every round, a generator's every 50
+    assert (zskt.checkpoint_every, dfad.checkpoint_every, di.checkpoint_every, cmi.checkpoint_every) == (50, 50, 1, 1)
+    assert DataFreeConfig(method="cmi", checkpoint_every=5).checkpoint_every == 5
     with pytest.raises(ValueError):
         DataFreeConfig(method="gan")
     with pytest.raises(ValueError):

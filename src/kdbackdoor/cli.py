@@ -403,8 +403,9 @@ def distill_cmd(
                                   rich_help_panel=DATA_FREE),
     save_samples: bool = typer.Option(False, help="write samples.png, a grid of the last synthetic images",
                                       rich_help_panel=DATA_FREE),
-    checkpoint_every: int = typer.Option(50, min=1, help="save the resumable state every N iterations",
-                                         rich_help_panel=DATA_FREE),
+    checkpoint_every: Optional[int] = typer.Option(None, min=1, help="save the resumable state every N iterations "
+                                                   "(zskt/dfad 50, deepinversion/cmi 1)",
+                                                   rich_help_panel=DATA_FREE),
 ) -> None:
     """Distill a teacher into a student on a data set (clean, poisoned or out-of-distribution)
     or without data (zskt, dfad, deepinversion, cmi; see docs/data-free-kd.md).

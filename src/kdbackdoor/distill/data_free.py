@@ -60,15 +60,15 @@ METHOD_DEFAULTS: dict[str, dict] = {
              "student_lr": 0.1, "student_steps": 5, "loss": "l1", "temperature": 1.0},
     "deepinversion": {"synthesis_lr": 0.05, "synthesis_steps": 2000, "synthesis_batch_size": 256,
                       "student_steps": 2000, "bn_weight": 10.0, "onehot_weight": 1.0, "tv_weight": 1e-3,
-                      "l2_weight": 0.0, "adv_weight": 0.0},
+                      "l2_weight": 0.0, "adv_weight": 0.0, "checkpoint_every": 1},
     "cmi": {"latent_dim": 256, "synthesis_lr": 1e-3, "synthesis_steps": 200, "synthesis_batch_size": 256,
             "student_steps": 2000, "bn_weight": 1.0, "onehot_weight": 0.5, "adv_weight": 0.5,
-            "contrastive_weight": 0.8},
+            "contrastive_weight": 0.8, "checkpoint_every": 1},
 }
 COMMON_DEFAULTS: dict = {
     "latent_dim": 256, "student_optimizer": "sgd", "student_lr": 0.1, "loss": "kl", "temperature": 20.0,
     "attention_beta": 0.0, "bn_weight": 0.0, "onehot_weight": 0.0, "tv_weight": 0.0, "l2_weight": 0.0,
-    "adv_weight": 0.0, "contrastive_weight": 0.0,
+    "adv_weight": 0.0, "contrastive_weight": 0.0, "checkpoint_every": 50,
 }
 
 
@@ -109,7 +109,9 @@ class DataFreeConfig(BaseModel):
     negatives: int = Field(4096, ge=1, description="bank features drawn per step (cmi)")
     pool_size: int = Field(50000, ge=1, description="synthetic images kept (deepinversion, cmi; oldest dropped)")
     eval_every: int = Field(0, ge=0, description="test ACC every N iterations (0: at the end only)")
-    checkpoint_every: int = Field(50, ge=1, description="save the resumable state every N iterations")
+    checkpoint_every: int | None = Field(None, ge=1, description="save the resumable state every N iterations "
+                                         "(default: 50 for zskt/dfad; every round for deepinversion/cmi, whose "
+                                         "rounds take minutes)")
     save_samples: bool = Field(False, description="write a PNG grid of the last synthetic images")
     seed: Seed = 0
 
