@@ -119,8 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True, help="backdoored teacher folder (train-teacher --backdoor)")
     parser.add_argument("--scale", choices=list(SCALES), default="digits")
-    parser.add_argument("--methods", nargs="+", default=None, help="data-free methods (default: the scale's); "
-                        "finished runs of the others in --out stay in the table")
+    parser.add_argument("--methods", nargs="+", default=None, help="data-free methods, and ood (default: the "
+                        "scale's, and ood with --ood-data); finished runs of the others in --out stay in the table")
     parser.add_argument("--defenses", nargs="+", default=["none", "abd"], choices=DATA_FREE_DEFENSES)
     parser.add_argument("--ood-data", default=None, help="also OOD KD on this transfer set (e.g. "
                         "npz:.../gtsrb32), with each of --defenses")
@@ -149,9 +149,11 @@ def main() -> None:
     student_arch = scale["student"]
     rows: dict[str, dict] = {}
 
-    chosen = args.methods or list(scale["methods"])
-    if set(chosen) - set(scale["methods"]):
-        raise SystemExit(f"scale {args.scale} has settings for {', '.join(scale['methods'])} only")
+    chosen = args.methods or [*scale["methods"], "ood"]
+    if set(chosen) - {*scale["methods"], "ood"}:
+        raise SystemExit(f"scale {args.scale} has settings for {', '.join(scale['methods'])} (and ood) only")
+    if args.methods and "ood" in args.methods and not args.ood_data:
+        raise SystemExit("--methods ood needs --ood-data")
     vaccine = ShufflingVaccineConfig(tail_test=not args.sv_always, seed=args.seed)
     retrospection = SelfRetrospectionConfig(start=scale["sr_start"], rounds=args.sr_rounds, seed=args.seed)
     for method in scale["methods"]:
@@ -179,7 +181,7 @@ def main() -> None:
     ood = load_dataset(args.ood_data, "train", resize=test.image_shape[-1]) if args.ood_data else None
     for defense_name in DATA_FREE_DEFENSES:  # OOD KD: the vaccine filters the transfer set, SR is a step hook
         name = f"ood-{defense_name}"
-        if ood is None or defense_name not in args.defenses:
+        if ood is None or "ood" not in chosen or defense_name not in args.defenses:
             if record := finished(out / name):
                 rows[name] = record
             continue
