@@ -208,21 +208,19 @@ def test_abd_combines_both_halves_and_runs_in_data_free_distillation(backdoored_
         build_data_free_defense("strip")
 
 
-def test_vaccine_drops_triggered_transfer_images(backdoored_digits_teacher, digits):
-    """OOD use: the tail test runs on the transfer set and backdoor-like images are dropped."""
+def test_vaccine_marks_triggered_transfer_images(backdoored_digits_teacher, digits):
+    """OOD use: the tail test runs on the transfer set and backdoor-like images are marked."""
     from kdbackdoor.data.dataset import ImageDataset, to_uint8
-    from kdbackdoor.defenses.shuffling_vaccine import vaccinate_transfer_set
+    from kdbackdoor.defenses.shuffling_vaccine import suspect_transfer_images
     teacher, trigger, _ = backdoored_digits_teacher
     train, _ = digits
     clean = train.pixels(torch.arange(400))
     images = torch.cat([clean, trigger.apply(clean[:40])])
     transfer = ImageDataset(to_uint8(images), torch.zeros(440, dtype=torch.long), classes=["?"], name="transfer")
-    kept, record = vaccinate_transfer_set(teacher, transfer, ShufflingVaccineConfig(seed=0), device=CPU)
-    assert record["enabled"] is True and record["dropped"] == 440 - len(kept)
-    kept_rows = {bytes(x.numpy()) for x in kept.images}
-    triggered_dropped = sum(bytes(x.numpy()) not in kept_rows for x in transfer.images[400:])
-    clean_dropped = sum(bytes(x.numpy()) not in kept_rows for x in transfer.images[:400])
-    assert triggered_dropped / 40 > 0.5 and triggered_dropped / 40 > 3 * clean_dropped / 400
+    suspicious, record = suspect_transfer_images(teacher, transfer, ShufflingVaccineConfig(seed=0), device=CPU)
+    assert record["enabled"] is True and record["suspicious"] == int(suspicious.sum())
+    triggered, clean_share = suspicious[400:].float().mean(), suspicious[:400].float().mean()
+    assert triggered > 0.5 and triggered > 3 * clean_share
 
 
 def test_cli_defenses_for_data_free_distillation(monkeypatch, capsys, tmp_path):
@@ -250,8 +248,8 @@ def test_cli_defenses_for_data_free_distillation(monkeypatch, capsys, tmp_path):
 
 def test_abd_for_ood_distillation_filters_the_transfer_set_then_unlearns(backdoored_digits_teacher, digits,
                                                                           tmp_path):
-    """OOD KD (a data set as transfer set): the vaccine drops images before training, and
-    Self-Retrospection runs as a step hook from its start on."""
+    """OOD KD (a data set as transfer set): the vaccine marks images before training (pushed away
+    from, or dropped), and Self-Retrospection runs as a step hook from its start on."""
     from kdbackdoor.distill.dataset_kd import distill
     from kdbackdoor.distill.losses import KDConfig
     from kdbackdoor.training import TrainConfig
@@ -264,11 +262,14 @@ def test_abd_for_ood_distillation_filters_the_transfer_set_then_unlearns(backdoo
                         vaccine=ShufflingVaccineConfig(tail_test=False),
                         retrospection=SelfRetrospectionConfig(rounds=2, start=0.5))
     sv, sr = record["defense"]["parts"]
-    assert record["defense"]["name"] == "abd" and sv["enabled"] is True and sv["dropped"] > 0
-    kept = 200 - sv["dropped"]
-    assert record["train"]["size"] == kept
-    steps = 2 * -(-kept // 50)
-    assert sr["steps"] == steps - steps // 2  # the second half of the steps
+    assert record["defense"]["name"] == "abd" and sv["enabled"] is True and sv["pushed"] > 0
+    assert record["train"]["size"] == 200  # pushed away from, not dropped
+    assert sr["steps"] == 4  # the second half of 2 epochs × 4 steps
+    _, record = distill(teacher, transfer, test, "small-cnn", config, KDConfig(kd_lambda=1.0), tmp_path / "drop",
+                        device=CPU, progress=False, evaluate_teacher=False,
+                        vaccine=ShufflingVaccineConfig(tail_test=False, transfer_action="drop"))
+    assert record["defense"]["name"] == "sv" and record["defense"]["dropped"] == sv["pushed"]
+    assert record["train"]["size"] == 200 - sv["pushed"]
     _, record = distill(teacher, transfer, test, "small-cnn", config, KDConfig(kd_lambda=1.0), tmp_path / "sr",
                         device=CPU, progress=False, evaluate_teacher=False,
                         retrospection=SelfRetrospectionConfig(rounds=1))

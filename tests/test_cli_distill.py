@@ -189,7 +189,8 @@ def test_ood_distillation_takes_abd(backdoored_teacher, ood_set, monkeypatch, ca
     record = json.loads((tmp_path / "s" / "metrics.json").read_text())
     sv, sr = record["defense"]["parts"]
     assert record["defense"]["name"] == "abd" and sv["enabled"] is True
-    assert record["train"]["size"] == 1438 - sv["dropped"] and sr["config"]["rounds"] == 1 and sr["steps"] >= 1
+    assert sv["pushed"] == sv["suspicious"] and sv["config"]["transfer_action"] == "push"
+    assert sr["config"]["rounds"] == 1 and sr["steps"] >= 1
 
 
 @pytest.mark.parametrize("args, message", [

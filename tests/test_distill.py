@@ -46,6 +46,24 @@ def test_kd_loss_mixes_ce_and_kl_by_lambda():
         assert torch.equal(logits, student(x))
 
 
+def test_kd_loss_pushes_the_student_away_on_marked_rows():
+    """ABD's OOD vaccine: mean KD over unmarked rows − weight · mean KD over marked ones, rows
+    found by the batch's dataset indices."""
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    x, y = torch.randn(6, 4), torch.zeros(6, dtype=torch.long)
+    idx = torch.tensor([5, 0, 3, 1, 4, 2])  # the batch's rows of a 6-row data set
+    marked = torch.tensor([False, False, True, False, False, True])  # rows 2 and 5: batch positions 5 and 0
+    each = kd_divergence(student(x), teacher(x), 4.0, per_sample=True)
+    assert float(each.mean()) == pytest.approx(float(kd_divergence(student(x), teacher(x), 4.0)), rel=1e-5)
+    loss, _ = kd_loss(teacher, KDConfig(kd_lambda=1.0), push_away=marked, push_weight=0.1)(student, x, y, idx)
+    expected = each[[1, 2, 3, 4]].mean() - 0.1 * each[[0, 5]].mean()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    nothing_marked, _ = kd_loss(teacher, KDConfig(kd_lambda=1.0), push_away=torch.zeros(6, dtype=torch.bool))(
+        student, x, y, idx)
+    assert float(nothing_marked.detach()) == pytest.approx(float(each.mean().detach()), rel=1e-5)
+
+
 def test_lambda_zero_never_runs_the_teacher_and_lambda_one_ignores_labels():
     student = torch.nn.Linear(4, 3)
     x, idx = torch.randn(8, 4), torch.arange(8)

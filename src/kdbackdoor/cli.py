@@ -326,13 +326,16 @@ def distill_cmd(
                                 "ood: ABD's Shuffling Vaccine and/or Self-Retrospection; for ood the vaccine drops "
                                 "backdoor-like transfer images; see docs/abd.md)",
                                 rich_help_panel=DEFENSE),
-    sv_coefficient: float = typer.Option(0.1, help="sv/abd: weight of the vaccine's synthesis term",
-                                         rich_help_panel=DEFENSE),
+    sv_coefficient: float = typer.Option(0.1, help="sv/abd: weight of the vaccine's synthesis term (ood: of the "
+                                         "push-away term)", rich_help_panel=DEFENSE),
     sv_copies: int = typer.Option(3, help="sv/abd: shuffled teacher copies in the suspect", rich_help_panel=DEFENSE),
     sv_layers: Optional[int] = typer.Option(None, help="sv/abd: last convolutions to shuffle (default: the "
                                             "teacher's last stage)", rich_help_panel=DEFENSE),
     sv_tail_test: bool = typer.Option(True, help="sv/abd: use the vaccine only if the tail-ratio test passes",
                                       rich_help_panel=DEFENSE),
+    sv_transfer_action: str = typer.Option("push", help="sv/abd with ood: push the student away from the teacher "
+                                           "on the transfer images the suspect agrees on (ABD's) or drop them",
+                                           rich_help_panel=DEFENSE),
     sr_rounds: int = typer.Option(10, help="sr/abd: perturbation-search steps per student step",
                                   rich_help_panel=DEFENSE),
     sr_portion: float = typer.Option(0.02, help="sr/abd: share of the batch that carries the perturbation",
@@ -474,8 +477,8 @@ def distill_cmd(
     metadata = {"method": method, "dataset": test_record, "transfer_set": record_dataset,
                 "teacher": {"path": str(teacher), "weights_sha256": sidecar.get("weights_sha256")},
                 "poisoned_set": _poisoned_set_summary(data, manifest) if manifest else None}
-    vaccine = (_vaccine_config(sv_coefficient, sv_copies, sv_layers, sv_tail_test, seed)
-               if defense in ("sv", "abd") else None)
+    vaccine = (_vaccine_config(sv_coefficient, sv_copies, sv_layers, sv_tail_test, seed,
+                               transfer_action=sv_transfer_action) if defense in ("sv", "abd") else None)
     retrospection = (_retrospection_config(sr_rounds, sr_portion, sr_start, sr_phase_lr, sr_perturb_model, seed)
                      if defense in ("sr", "abd") else None)
     _, record = distill(model, train, test, student_arch, config, kd, out, device=dev, backdoor=backdoor,
@@ -979,10 +982,11 @@ def _distill_defense(defense, method, views, num_views, noise_sigma, blur_sigma,
     return _validated(RobustKDConfig, views=view_config, num_views=num_views, seed=seed)
 
 
-def _vaccine_config(sv_coefficient, sv_copies, sv_layers, sv_tail_test, seed):
+def _vaccine_config(sv_coefficient, sv_copies, sv_layers, sv_tail_test, seed, **more):
     from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
     return _validated(ShufflingVaccineConfig, {f: f"--sv-{f.replace('_', '-')}" for f in ShufflingVaccineConfig.model_fields},
-                      coefficient=sv_coefficient, copies=sv_copies, layers=sv_layers, tail_test=sv_tail_test, seed=seed)
+                      coefficient=sv_coefficient, copies=sv_copies, layers=sv_layers, tail_test=sv_tail_test, seed=seed,
+                      **more)
 
 
 def _retrospection_config(sr_rounds, sr_portion, sr_start, sr_phase_lr, sr_perturb_model, seed):

@@ -13,13 +13,16 @@ lies below mean − 3·std must exceed ``tail_threshold``; otherwise the copies 
 (up to ``reshuffles`` times) and, if no shuffle passes, the vaccine is disabled and the run
 record says so. Decisions use synthetic images only.
 
-For OOD distillation (real transfer images of another data set) ``vaccinate_transfer_set``
-runs the same test on the transfer set and drops the images the suspect agrees on.
+For OOD distillation (real transfer images of another data set) ``suspect_transfer_images``
+runs the same test on the transfer set and marks the images the suspect agrees on; the
+distillation then pushes the student away from the teacher on them, as ABD's OOD code does
+(loss = mean KD on the others − coefficient · mean KD on them), or drops them.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -50,6 +53,9 @@ class ShufflingVaccineConfig(BaseModel):
                               f"(the first {IGNORED_BATCHES} are ignored)")
     tail_threshold: float = Field(0.02, ge=0, lt=1)
     reshuffles: int = Field(8, ge=1, description="shuffles tried before giving up")
+    transfer_action: Literal["push", "drop"] = Field(
+        "push", description="OOD KD: on the suspicious transfer images the student is pushed away from the "
+        "teacher with weight coefficient (ABD's), or they are dropped")
     seed: Seed = 0
 
 
@@ -130,12 +136,14 @@ def passes_tail_test(suspect: SuspectEnsemble, teacher: nn.Module, images: torch
 
 
 @torch.no_grad()
-def vaccinate_transfer_set(teacher: nn.Module, data: ImageDataset, config: ShufflingVaccineConfig | None = None,
-                           *, device: torch.device, batch_size: int = 512) -> tuple[ImageDataset, dict]:
-    """The Shuffling Vaccine for OOD distillation: drop the transfer images on which the suspect
-    agrees with the teacher (backdoor-like), if the tail test on the transfer set passes.
+def suspect_transfer_images(teacher: nn.Module, data: ImageDataset, config: ShufflingVaccineConfig | None = None,
+                            *, device: torch.device, batch_size: int = 512) -> tuple[torch.Tensor | None, dict]:
+    """The Shuffling Vaccine for OOD distillation: the transfer images on which the suspect agrees
+    with the teacher (backdoor-like), if the tail test on the transfer set passes.
 
-    Returns (the kept images, a record of what was done). Labels and provenance are not read.
+    Returns (a bool mask (N,) over ``data``'s rows, None when the vaccine stays off; a record of
+    what was done). What to do with them is ``config.transfer_action``'s. Labels and provenance
+    are not read.
     """
     config = config or ShufflingVaccineConfig()
     teacher = teacher.to(device).eval()
@@ -147,13 +155,13 @@ def vaccinate_transfer_set(teacher: nn.Module, data: ImageDataset, config: Shuff
     else:
         enabled = True
     record = {"name": "sv", "config": config.model_dump(), "enabled": enabled, "tail_ratios": trials,
-              "shuffled_layers": suspect.layer_names, "transfer_images": len(data), "dropped": 0}
+              "shuffled_layers": suspect.layer_names, "transfer_images": len(data), "suspicious": 0}
     if not enabled:
-        return data, record
+        return None, record
     agree = torch.cat([suspect(x).argmax(1) == teacher(x).argmax(1)
                        for x, _, _ in data.batches(batch_size, device=device)]).cpu()
-    record["dropped"] = int(agree.sum())
-    return data.subset(~agree, name=f"{data.name}-vaccinated"), record
+    record["suspicious"] = int(agree.sum())
+    return agree, record
 
 
 class ShufflingVaccine(DistillDefense):

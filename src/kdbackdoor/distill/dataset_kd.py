@@ -23,7 +23,7 @@ from kdbackdoor.atomic import write_json
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.defenses.robust_kd import RobustKDConfig, RobustTeacher, robust_kd_record
 from kdbackdoor.defenses.self_retrospection import SelfRetrospection, SelfRetrospectionConfig
-from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig, vaccinate_transfer_set
+from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig, suspect_transfer_images
 from kdbackdoor.distill.losses import KDConfig, kd_loss, precompute_logits
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.evaluate import check_compatible, model_metrics
@@ -78,8 +78,9 @@ def distill(
     ``out_dir/baseline`` on ``train`` without its poisoned rows. With ``robust`` (the
     robust-kd defense) the teacher's targets are averaged over random views of each image
     (``kdbackdoor.defenses.robust_kd``), the baseline's too. ABD's halves, for OOD KD: with
-    ``vaccine`` the Shuffling Vaccine first drops backdoor-like transfer images (if its tail
-    test passes); with ``retrospection`` every student step also unlearns Self-Retrospection's
+    ``vaccine`` the Shuffling Vaccine first marks backdoor-like transfer images (if its tail
+    test passes), on which the student is then pushed away from the teacher (or which are
+    dropped: ``vaccine.transfer_action``); with ``retrospection`` every student step also unlearns Self-Retrospection's
     universal perturbation. Returns (student, record).
     """
     out_dir = Path(out_dir)
@@ -91,18 +92,16 @@ def distill(
     if train.image_shape != test.image_shape:
         raise KDBackdoorError(f"training images are {train.image_shape} but test images {test.image_shape}")
     started = time.perf_counter()
-    vaccine_record = None
-    if vaccine is not None:
-        train, vaccine_record = vaccinate_transfer_set(teacher, train, vaccine, device=device)
+    train, vaccinated = _vaccinate(teacher, train, vaccine, device)
     student, record = _distill_one(teacher, train, test, student_arch, config, kd, out_dir, device=device,
                                    backdoor=backdoor, resume=resume, progress=progress, robust=robust,
-                                   retrospection=retrospection, vaccine_record=vaccine_record)
+                                   retrospection=retrospection, vaccinated=vaccinated)
     if evaluate_teacher:
         record["teacher_metrics"] = student_metrics(teacher, test, backdoor, device)
     if baseline:
         record["baseline"] = _baseline(teacher, train, test, student_arch, config, kd, out_dir / BASELINE_DIR,
                                        device=device, backdoor=backdoor, resume=resume, progress=progress,
-                                       robust=robust, retrospection=retrospection, vaccine_record=vaccine_record)
+                                       robust=robust, retrospection=retrospection, vaccinated=vaccinated)
     record.update(wall_seconds_this_session=time.perf_counter() - started, device=str(device),
                   environment=environment(device, config.seed), **(metadata or {}))
     _save_run(student, record, out_dir, test.classes,
@@ -118,7 +117,7 @@ def _save_run(student, record: dict, out_dir: Path, classes: list[str], extra_fi
 
 
 def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, device, backdoor, resume, progress,
-                 robust=None, retrospection=None, vaccine_record=None):
+                 robust=None, retrospection=None, vaccinated=None):
     seed_everything(config.seed)
     c, h, w = train.image_shape
     student = build_model(student_arch, num_classes=test.num_classes, in_channels=c, input_size=(h, w)).to(device)
@@ -127,13 +126,15 @@ def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, dev
     augmented = config.crop_padding > 0 or config.hflip or config.cutmix > 0
     # without augmentation every row always looks the same: the teacher runs once per row, not per epoch
     cached = None if augmented or kd.kd_lambda == 0 else precompute_logits(targets, train.images.to(device))
+    loss_fn = kd_loss(targets, kd, cached, push_away=vaccinated.pushed if vaccinated else None,
+                      push_weight=vaccinated.weight if vaccinated else 0.0)
     unlearning = None
     if retrospection is not None:
         unlearning = SelfRetrospection(retrospection)
         unlearning.setup(teacher, student, device)
-    history = fit(student, train, config, out_dir, loss_fn=kd_loss(targets, kd, cached), test=test, device=device,
+    history = fit(student, train, config, out_dir, loss_fn=loss_fn, test=test, device=device,
                   resume=resume, progress=progress, description=f"distill {student_arch}", step_hook=unlearning)
-    parts = [vaccine_record] if vaccine_record is not None else []
+    parts = [vaccinated.record] if vaccinated is not None else []
     parts += [robust_kd_record(robust, cached is not None)] if robust is not None else []
     parts += [unlearning.record()] if unlearning is not None else []
     poisoned = int(train.provenance.poisoned.sum()) if train.provenance is not None else 0
@@ -152,8 +153,33 @@ def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, dev
     return student, record
 
 
+@dataclass
+class Vaccinated:
+    """What the Shuffling Vaccine made of a transfer set: its record, and the rows on which the
+    student is pushed away from the teacher (None: nothing pushed) with ``weight``."""
+
+    record: dict
+    pushed: torch.Tensor | None
+    weight: float
+
+
+def _vaccinate(teacher, train: ImageDataset, vaccine: ShufflingVaccineConfig | None, device):
+    """(the transfer set to train on, ``Vaccinated`` or None): suspicious rows dropped, or marked
+    to be pushed away, as ``vaccine.transfer_action`` says."""
+    if vaccine is None:
+        return train, None
+    suspicious, record = suspect_transfer_images(teacher, train, vaccine, device=device)
+    if suspicious is None:
+        return train, Vaccinated(record, None, vaccine.coefficient)
+    if vaccine.transfer_action == "drop":
+        record["dropped"] = record["suspicious"]
+        return train.subset(~suspicious, name=f"{train.name}-vaccinated"), Vaccinated(record, None, vaccine.coefficient)
+    record["pushed"] = record["suspicious"]
+    return train, Vaccinated(record, suspicious, vaccine.coefficient)
+
+
 def _baseline(teacher, train, test, student_arch, config, kd, out_dir, *, device, backdoor, resume, progress,
-              robust=None, retrospection=None, vaccine_record=None):
+              robust=None, retrospection=None, vaccinated=None):
     """The same distillation without the poisoned rows (reused when a finished one is there)."""
     if train.provenance is None or not train.provenance.poisoned.any():
         raise KDBackdoorError("a baseline needs a poisoned training set (its provenance marks no poison)")
@@ -161,10 +187,13 @@ def _baseline(teacher, train, test, student_arch, config, kd, out_dir, *, device
     if resume and record_path.is_file() and (out_dir / MODEL_FILE).is_file():
         load_checkpoint(out_dir / MODEL_FILE)  # proves the finished baseline is intact
         return json.loads(record_path.read_text())
-    clean = train.subset(~train.provenance.poisoned, name=f"{train.name}-without-poisons")
+    keep = ~train.provenance.poisoned
+    clean = train.subset(keep, name=f"{train.name}-without-poisons")
+    if vaccinated is not None and vaccinated.pushed is not None:  # the marks follow their rows
+        vaccinated = Vaccinated(vaccinated.record, vaccinated.pushed[keep], vaccinated.weight)
     student, record = _distill_one(teacher, clean, test, student_arch, config, kd, out_dir, device=device,
                                    backdoor=backdoor, resume=resume, progress=progress, robust=robust,
-                                   retrospection=retrospection, vaccine_record=vaccine_record)
+                                   retrospection=retrospection, vaccinated=vaccinated)
     _save_run(student, record, out_dir, test.classes, [])
     return record
 

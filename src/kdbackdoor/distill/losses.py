@@ -23,19 +23,25 @@ class KDConfig(BaseModel):
     temperature: float = Field(4.0, gt=0, description="softmax temperature T of both models in the KL term")
 
 
-def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), mean over the batch."""
+def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                  per_sample: bool = False) -> torch.Tensor:
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), mean over the batch (or per sample (N,))."""
     log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    if per_sample:
+        return F.kl_div(log_student, log_teacher, reduction="none", log_target=True).sum(1) * temperature ** 2
     return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature ** 2
 
 
-def kd_loss(teacher: torch.nn.Module, config: KDConfig, teacher_logits: torch.Tensor | None = None) -> LossFn:
+def kd_loss(teacher: torch.nn.Module, config: KDConfig, teacher_logits: torch.Tensor | None = None,
+            push_away: torch.Tensor | None = None, push_weight: float = 0.1) -> LossFn:
     """A ``fit`` loss function for distilling ``teacher`` (kept in eval mode, no gradients).
 
     ``teacher_logits`` (N, K), when given, are the teacher's logits for every training row,
     computed beforehand (valid only without augmentation); the teacher is then not run.
-    With λ = 0 the teacher is never run either.
+    With λ = 0 the teacher is never run either. ``push_away`` (N,) bool marks rows on which the
+    student is pushed away from the teacher (the Shuffling Vaccine's suspects in OOD KD): the
+    KD term is then the batch mean over the other rows − ``push_weight`` · the mean over them.
     """
     lam, temperature = config.kd_lambda, config.temperature
     teacher.eval()
@@ -49,7 +55,14 @@ def kd_loss(teacher: torch.nn.Module, config: KDConfig, teacher_logits: torch.Te
             else:
                 with torch.no_grad():
                     target_logits = teacher(x)
-            loss = loss + lam * kd_divergence(logits, target_logits, temperature)
+            if push_away is None:
+                loss = loss + lam * kd_divergence(logits, target_logits, temperature)
+            else:
+                divergences = kd_divergence(logits, target_logits, temperature, per_sample=True)
+                pushed = push_away[idx.to(push_away.device)].to(logits.device)
+                kept = divergences[~pushed].mean() if (~pushed).any() else logits.new_zeros(())
+                away = divergences[pushed].mean() if pushed.any() else logits.new_zeros(())
+                loss = loss + lam * (kept - push_weight * away)
         return loss, logits
     return loss_fn
 
