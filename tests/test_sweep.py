@@ -75,6 +75,17 @@ def test_data_free_run_is_checked_for_the_teachers_backdoor(tmp_path):
     assert record["stages"]["teacher"]["cached"] is False and "poisoned_set" not in record["stages"]
 
 
+def test_ood_run_takes_abd(tmp_path):
+    """An experiment's OOD distillation with ABD: both halves are configured from the config and act."""
+    config = tiny(**{"teacher.backdoor": {"trigger": "badnets-grid", "target": 1}, "distill.method": "ood",
+                     "distill.data": "digits", "distill.kd.kd_lambda": 1.0, "distill.defense": "abd",
+                     "distill.vaccine": {"tail_test": False}, "distill.retrospection": {"rounds": 1}})
+    record = run_experiment(config, tmp_path, progress=False)
+    sv, sr = record["defense"]["parts"]
+    assert record["defense"]["name"] == "abd" and sv["enabled"] is True and sv["transfer_images"] == 300
+    assert sr["config"]["rounds"] == 1 and sr["steps"] == 5  # every step of 1 epoch × 300 / 64
+
+
 def test_grid_zip_and_seeds_expand_in_order():
     spec = SweepSpec(name="s", grid={"distill.kd.kd_lambda": [0.5, 1.0], "distill.student_arch": ["small-cnn"]},
                      zip={"distill.kd.temperature": [2, 4, 8], "teacher.train.epochs": [1, 2, 3]}, seeds=[0, 1])
