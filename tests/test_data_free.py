@@ -68,6 +68,7 @@ def test_method_defaults_fill_only_what_is_not_given():
         200, 1.0, 0.5, 0.5, 0.8)
     # a pooled method's round takes minutes: its state is saved every round, a generator's every 50
     assert (zskt.checkpoint_every, dfad.checkpoint_every, di.checkpoint_every, cmi.checkpoint_every) == (50, 50, 1, 1)
+    assert (zskt.max_grad_norm, dfad.max_grad_norm, cmi.max_grad_norm) == (5.0, 0.0, 0.0)  # ZSKT's code clips
     assert DataFreeConfig(method="cmi", checkpoint_every=5).checkpoint_every == 5
     with pytest.raises(ValueError):
         DataFreeConfig(method="gan")
@@ -280,6 +281,23 @@ def test_zero_weight_samples_do_not_count(digits_teacher):
     weighted = run.student_loss(images, weights)
     assert float(weighted) == pytest.approx(float(run.student_loss(images[::2])), rel=1e-5)
     assert float(weighted) != pytest.approx(float(run.student_loss(images)), rel=1e-3)
+
+
+def test_student_steps_clip_the_gradient_norm_when_asked():
+    """ZSKT's clipping: with plain SGD (lr 1) the step equals the gradient, whose norm is then at most the bound."""
+    from kdbackdoor.distill.hooks import StudentStep
+    for bound, expect_clipped in ((0.5, True), (0.0, False)):
+        torch.manual_seed(0)
+        student = torch.nn.Linear(4, 3)
+        before = [p.detach().clone() for p in student.parameters()]
+        step = StudentStep(student, student, torch.optim.SGD(student.parameters(), lr=1.0),
+                           lambda x, w: 100 * student(x).pow(2).mean(), max_grad_norm=bound)
+        step.run(torch.randn(8, 4))
+        moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, student.parameters())]).norm()
+        if expect_clipped:
+            assert float(moved) == pytest.approx(bound, rel=1e-4)
+        else:
+            assert float(moved) > 10 * 0.5  # the unclipped gradient is far larger
 
 
 def test_a_defense_can_replace_the_student_step(digits, digits_teacher, tmp_path):

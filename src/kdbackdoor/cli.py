@@ -390,6 +390,9 @@ def distill_cmd(
                                                  "(deepinversion 0.05)", rich_help_panel=DATA_FREE),
     student_lr: Optional[float] = typer.Option(None, help="student step (zskt Adam 2e-3, others SGD 0.1)",
                                                rich_help_panel=DATA_FREE),
+    max_grad_norm: Optional[float] = typer.Option(None, min=0, help="clip the gradient norm of each synthesis and "
+                                                  "student step (zskt 5, as ZSKT's code; others 0: off)",
+                                                  rich_help_panel=DATA_FREE),
     attention_beta: Optional[float] = typer.Option(None, help="attention-transfer weight β, in ZSKT's convention "
                                                    "(zskt 250; 0 leaves it out)",
                                                    rich_help_panel=DATA_FREE),
@@ -431,7 +434,7 @@ def distill_cmd(
             DataFreeConfig, method=method, iterations=iterations, batch_size=batch_size,
             synthesis_batch_size=synthesis_batch_size, synthesis_steps=synthesis_steps, synthesis_lr=synthesis_lr,
             latent_dim=latent_dim, generator_output=generator_output, student_lr=student_lr,
-            student_steps=student_steps, temperature=temperature,
+            student_steps=student_steps, temperature=temperature, max_grad_norm=max_grad_norm,
             attention_beta=attention_beta, bn_weight=bn_weight, onehot_weight=onehot_weight, adv_weight=adv_weight,
             tv_weight=tv_weight, contrastive_weight=contrastive_weight, pool_size=pool_size,
             save_samples=save_samples, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)

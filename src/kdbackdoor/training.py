@@ -48,6 +48,15 @@ class StepHook(Protocol):
         """Restore what ``state_dict`` gave."""
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, max_grad_norm: float = 0.0) -> None:
+    """``optimizer.step()``, after clipping the total gradient norm of its parameters to
+    ``max_grad_norm`` when that is > 0."""
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                       max_grad_norm)
+    optimizer.step()
+
+
 def add_gradients(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
     """Add ``grads`` to the ``.grad`` of ``params`` (setting it where there is none yet)."""
     for p, g in zip(params, grads):

@@ -98,7 +98,7 @@ class SelfRetrospection(DistillDefense):
         loss = step.loss(images, weights)
         loss.backward()
         add_gradients([p for p in step.student.parameters() if p.requires_grad], grads)
-        step.optimizer.step()
+        step.apply_gradients()
         return float(loss.detach())
 
     def extra_gradients(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,

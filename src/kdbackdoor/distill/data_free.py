@@ -55,7 +55,8 @@ METHODS = tuple(SYNTHESIZERS)
 # Each method's own settings; every field not named here takes COMMON_DEFAULTS.
 METHOD_DEFAULTS: dict[str, dict] = {
     "zskt": {"latent_dim": 100, "synthesis_lr": 1e-3, "synthesis_steps": 1, "student_optimizer": "adam",
-             "student_lr": 2e-3, "student_steps": 10, "loss": "kl", "temperature": 1.0, "attention_beta": 250.0},
+             "student_lr": 2e-3, "student_steps": 10, "loss": "kl", "temperature": 1.0, "attention_beta": 250.0,
+             "max_grad_norm": 5.0},
     "dfad": {"latent_dim": 256, "synthesis_lr": 1e-3, "synthesis_steps": 1, "student_optimizer": "sgd",
              "student_lr": 0.1, "student_steps": 5, "loss": "l1", "temperature": 1.0},
     "deepinversion": {"synthesis_lr": 0.05, "synthesis_steps": 2000, "synthesis_batch_size": 256,
@@ -68,7 +69,7 @@ METHOD_DEFAULTS: dict[str, dict] = {
 COMMON_DEFAULTS: dict = {
     "latent_dim": 256, "student_optimizer": "sgd", "student_lr": 0.1, "loss": "kl", "temperature": 20.0,
     "attention_beta": 0.0, "bn_weight": 0.0, "onehot_weight": 0.0, "tv_weight": 0.0, "l2_weight": 0.0,
-    "adv_weight": 0.0, "contrastive_weight": 0.0, "checkpoint_every": 50,
+    "adv_weight": 0.0, "contrastive_weight": 0.0, "checkpoint_every": 50, "max_grad_norm": 0.0,
 }
 
 
@@ -95,6 +96,8 @@ class DataFreeConfig(BaseModel):
     student_steps: int | None = Field(None, ge=1, description="student steps per iteration")
     loss: Literal["kl", "l1"] | None = Field(None, description="kl: T²·KL(teacher_T ‖ student_T); l1: mean |Δlogit|")
     temperature: float | None = Field(None, gt=0)
+    max_grad_norm: float | None = Field(None, ge=0, description="clip the gradient norm of each synthesis and "
+                                        "student step to this (zskt 5, as ZSKT's code; others 0: no clipping)")
     attention_beta: float | None = Field(None, ge=0, description="weight of attention transfer, in ZSKT's "
                                           "convention (against a KL averaged over classes)")
     bn_weight: float | None = Field(None, ge=0, description="BatchNorm-statistics prior (deepinversion, cmi)")
@@ -226,7 +229,7 @@ class _Run:
                                    self.logit_loss, self.rng)
         self.synthesizer = SYNTHESIZERS[config.method](context)
         self.stages = (teacher.stage_names, student.stage_names) if config.attention_beta > 0 else None
-        self.step = StudentStep(student, teacher, self.optimizer, self.student_loss)
+        self.step = StudentStep(student, teacher, self.optimizer, self.student_loss, config.max_grad_norm)
         self.crop_padding = max(1, image_shape[1] // 8)
         self.seconds = {"synthesis": 0.0, "student": 0.0}
         self.images = {"synthesis": 0, "student": 0}

@@ -16,26 +16,34 @@ from typing import Callable
 
 import torch
 
+from kdbackdoor.training import optimizer_step
+
 LossFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 @dataclass
 class StudentStep:
     """One student update: ``loss(images, weights)`` is the distillation loss (batch mean of
-    per-sample losses times ``weights`` when given); ``run`` applies one optimiser step."""
+    per-sample losses times ``weights`` when given); ``run`` applies one optimiser step, with
+    the gradient norm clipped to ``max_grad_norm`` when > 0."""
 
     student: torch.nn.Module
     teacher: torch.nn.Module
     optimizer: torch.optim.Optimizer
     loss: LossFn
+    max_grad_norm: float = 0.0
 
     def run(self, images: torch.Tensor, weights: torch.Tensor | None = None) -> float:
         """The plain step: loss, backward, optimiser step. Returns the loss value."""
         value = self.loss(images, weights)
         self.optimizer.zero_grad(set_to_none=True)
         value.backward()
-        self.optimizer.step()
+        self.apply_gradients()
         return float(value.detach())
+
+    def apply_gradients(self) -> None:
+        """The optimiser step on the gradients now in the student (clipped as configured)."""
+        optimizer_step(self.optimizer, self.max_grad_norm)
 
 
 class DistillDefense:

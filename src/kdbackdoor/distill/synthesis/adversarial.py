@@ -36,7 +36,7 @@ class AdversarialGenerator(Synthesizer):
             with autocast(ctx.device):
                 teacher_logits = ctx.teacher(x)
                 loss = -ctx.logit_loss(ctx.student(x), teacher_logits).mean() + ctx.defense_term(x, teacher_logits)
-            descend(self.optimizer, loss)
+            descend(self.optimizer, loss, ctx.config.max_grad_norm)
         self.schedule.step()
         self._latest = x.detach()
         return float(loss.detach())

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from kdbackdoor.distill.hooks import DistillDefense
 from kdbackdoor.distill.synthesis.pool import SyntheticPool
 from kdbackdoor.distill.synthesis.priors import disagreement_where_agreeing
+from kdbackdoor.training import optimizer_step
 
 if TYPE_CHECKING:
     from kdbackdoor.distill.data_free import DataFreeConfig
@@ -53,11 +54,11 @@ class SynthesisContext:
         return loss
 
 
-def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    """One optimiser step on ``loss``."""
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float = 0.0) -> None:
+    """One optimiser step on ``loss`` (gradient norm clipped to ``max_grad_norm`` when > 0)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    optimizer.step()
+    optimizer_step(optimizer, max_grad_norm)
 
 
 class Synthesizer(ABC):

@@ -60,7 +60,7 @@ class ContrastiveInversion(PooledSynthesizer):
                 _, crop_features = forward_with_features(ctx.teacher, local_crop(images, ctx.rng), [feature])
             loss = (ctx.inversion_terms(images, teacher_logits, bn_terms, targets) + config.contrastive_weight
                     * self._info_nce(features[feature].float(), crop_features[feature].float()))
-            descend(optimizer, loss)
+            descend(optimizer, loss, config.max_grad_norm)
         with torch.no_grad():
             images = generator(latents)
             _, features = forward_with_features(ctx.teacher, images, [feature])

@@ -38,7 +38,7 @@ class DeepInversion(PooledSynthesizer):
                 teacher_logits = ctx.teacher(view)
                 loss = (ctx.inversion_terms(view, teacher_logits, bn_terms, targets)
                         + config.tv_weight * total_variation(images) + config.l2_weight * centred_l2(images))
-            descend(optimizer, loss)
+            descend(optimizer, loss, config.max_grad_norm)
             with torch.no_grad():
                 images.clamp_(0, 1)
         self._keep(images)
