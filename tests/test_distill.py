@@ -47,8 +47,8 @@ def test_kd_loss_mixes_ce_and_kl_by_lambda():
 
 
 def test_kd_loss_pushes_the_student_away_on_marked_rows():
-    """ABD's OOD vaccine: mean KD over unmarked rows − weight · mean KD over marked ones, rows
-    found by the batch's dataset indices."""
+    """ABD's OOD vaccine: mean KD over unmarked rows − weight · mean KD over marked ones (capped at
+    a uniform prediction's), rows found by the batch's dataset indices."""
     torch.manual_seed(0)
     student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     x, y = torch.randn(6, 4), torch.zeros(6, dtype=torch.long)
@@ -57,8 +57,18 @@ def test_kd_loss_pushes_the_student_away_on_marked_rows():
     each = kd_divergence(student(x), teacher(x), 4.0, per_sample=True)
     assert float(each.mean()) == pytest.approx(float(kd_divergence(student(x), teacher(x), 4.0)), rel=1e-5)
     loss, _ = kd_loss(teacher, KDConfig(kd_lambda=1.0), push_away=marked, push_weight=0.1)(student, x, y, idx)
-    expected = each[[1, 2, 3, 4]].mean() - 0.1 * each[[0, 5]].mean()
+    uniform = kd_divergence(torch.zeros(6, 3), teacher(x), 4.0, per_sample=True)  # a know-nothing student
+    away = torch.minimum(each, uniform)[[0, 5]].mean()
+    expected = each[[1, 2, 3, 4]].mean() - 0.1 * away
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    # the push is bounded: a student far from the teacher on a marked row gains nothing more there
+    far = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        far.weight.copy_(-50 * teacher.weight)
+        far.bias.copy_(-50 * teacher.bias)
+    only_marked = torch.ones(6, dtype=torch.bool)
+    pushed, _ = kd_loss(teacher, KDConfig(kd_lambda=1.0), push_away=only_marked)(far, x, y, idx)
+    assert float(pushed.detach()) == pytest.approx(float(-0.1 * uniform.mean().detach()), rel=1e-5)
     nothing_marked, _ = kd_loss(teacher, KDConfig(kd_lambda=1.0), push_away=torch.zeros(6, dtype=torch.bool))(
         student, x, y, idx)
     assert float(nothing_marked.detach()) == pytest.approx(float(each.mean().detach()), rel=1e-5)
