@@ -202,7 +202,8 @@ def main() -> None:
     for name, record in rows.items():
         throughput = record.get("throughput") or {}
         student_speed = throughput.get("student_images_per_s")
-        parts = {p["name"]: p for p in (record.get("defense") or {}).get("parts", [])}
+        defense = record.get("defense") or {}
+        parts = {p["name"]: p for p in defense.get("parts", [defense] if defense else [])}  # one: its own record
         enabled = parts.get("sv", {}).get("enabled", "")
         lines.append(
             f"| {name} | {record['metrics']['acc']:.1%} | {record['metrics']['asr']:.1%} | {enabled} | "
