@@ -198,9 +198,12 @@ def test_ood_distillation_takes_abd(backdoored_teacher, ood_set, monkeypatch, ca
     (["--kd-lambda", "0.5", "--cutmix", "0.5"], "CutMix"),
     (["--method", "oracle"], "unknown --method"),
     (["--cutmix", "2"], "--cutmix"),
+    (["--method", "ood", "--defense", "abd", "--sv-transfer-action", "bury"], "--sv-transfer-action"),
+    (["--method", "ood", "--defense", "sr", "--sr-portion", "0"], "--sr-portion"),
 ])
 def test_bad_distillation_methods_are_refused(args, message, backdoored_teacher, ood_set, monkeypatch, capsys,
                                               tmp_path):
     code, _, err = run(monkeypatch, capsys, "distill", "--teacher", backdoored_teacher, "--data", f"npz:{ood_set}",
                        *args, "--out", tmp_path / "s", *TRAIN)
     assert code == 2 and message in err and "Traceback" not in err
+    assert not any((tmp_path / "s").glob("*"))  # refused before anything was written

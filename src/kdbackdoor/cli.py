@@ -453,6 +453,10 @@ def distill_cmd(
                            eval_every, seed, cutmix, compile_model)
     kd = _validated(KDConfig, kd_lambda=kd_lambda if kd_lambda is not None else (1.0 if method == "ood" else 0.5),
                     temperature=4.0 if temperature is None else temperature)
+    vaccine = (_vaccine_config(sv_coefficient, sv_copies, sv_layers, sv_tail_test, seed,
+                               transfer_action=sv_transfer_action) if defense in ("sv", "abd") else None)
+    retrospection = (_retrospection_config(sr_rounds, sr_portion, sr_start, sr_phase_lr, sr_perturb_model, seed)
+                     if defense in ("sr", "abd") else None)
     dev = select_device(device)
     _start_run(out, resume, deterministic)
     model, sidecar = _load_teacher(teacher, dev)
@@ -480,10 +484,6 @@ def distill_cmd(
     metadata = {"method": method, "dataset": test_record, "transfer_set": record_dataset,
                 "teacher": {"path": str(teacher), "weights_sha256": sidecar.get("weights_sha256")},
                 "poisoned_set": _poisoned_set_summary(data, manifest) if manifest else None}
-    vaccine = (_vaccine_config(sv_coefficient, sv_copies, sv_layers, sv_tail_test, seed,
-                               transfer_action=sv_transfer_action) if defense in ("sv", "abd") else None)
-    retrospection = (_retrospection_config(sr_rounds, sr_portion, sr_start, sr_phase_lr, sr_perturb_model, seed)
-                     if defense in ("sr", "abd") else None)
     _, record = distill(model, train, test, student_arch, config, kd, out, device=dev, backdoor=backdoor,
                         baseline=use_baseline, evaluate_teacher=evaluate_teacher, resume=resume,
                         progress=progress, metadata=metadata, robust=robust, vaccine=vaccine,
