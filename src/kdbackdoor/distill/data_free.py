@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -37,7 +36,7 @@ from kdbackdoor.data.augment import augment
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.distill.dataset_kd import MODEL_FILE, RECORD_FILE, Backdoor, backdoor_record, student_metrics
 from kdbackdoor.distill.hooks import DistillDefense, StudentStep
-from kdbackdoor.distill.losses import attention_transfer_loss
+from kdbackdoor.distill.losses import attention_transfer_loss, kd_divergence
 from kdbackdoor.distill.synthesis import SYNTHESIZERS, AdversarialGenerator, PooledSynthesizer, SynthesisContext
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.evaluate import check_compatible
@@ -237,12 +236,9 @@ class _Run:
 
     def logit_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """The method's per-sample distillation loss (N,)."""
-        s, t = student_logits.float(), teacher_logits.float()
         if self.config.loss == "l1":
-            return (s - t).abs().mean(1)
-        temperature = self.config.temperature
-        return F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1), reduction="none",
-                        log_target=True).sum(1) * temperature ** 2
+            return (student_logits.float() - teacher_logits.float()).abs().mean(1)
+        return kd_divergence(student_logits, teacher_logits, self.config.temperature, per_sample=True)
 
     def student_loss(self, images: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Batch loss of the student on pixel ``images``: weighted mean of the per-sample losses,

@@ -28,9 +28,8 @@ def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), mean over the batch (or per sample (N,))."""
     log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    if per_sample:
-        return F.kl_div(log_student, log_teacher, reduction="none", log_target=True).sum(1) * temperature ** 2
-    return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature ** 2
+    each = F.kl_div(log_student, log_teacher, reduction="none", log_target=True).sum(1) * temperature ** 2
+    return each if per_sample else each.mean()
 
 
 def kd_loss(teacher: torch.nn.Module, config: KDConfig, teacher_logits: torch.Tensor | None = None,
