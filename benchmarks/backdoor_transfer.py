@@ -30,7 +30,7 @@ import torch
 
 from common import variant_suffix, write_results
 from kdbackdoor.data.sources import load_dataset
-from kdbackdoor.defenses.abd import DATA_FREE_DEFENSES, build_data_free_defense
+from kdbackdoor.defenses.abd import DATA_FREE_DEFENSES, abd_halves, build_data_free_defense
 from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
 from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
 from kdbackdoor.distill.data_free import DataFreeConfig, distill_data_free
@@ -185,10 +185,10 @@ def main() -> None:
             if record := finished(out / name):
                 rows[name] = record
             continue
-        rows[name] = run(out / name, lambda name=name, defense_name=defense_name: distill(
+        uses_vaccine, uses_retrospection = abd_halves(defense_name)
+        rows[name] = run(out / name, lambda name=name, v=uses_vaccine, r=uses_retrospection: distill(
             teacher, ood, test, student_arch, train_config, kl_only, out / name, device=device, backdoor=backdoor,
-            resume=True, progress=False, vaccine=vaccine if defense_name in ("abd", "sv") else None,
-            retrospection=retrospection if defense_name in ("abd", "sr") else None)[1])
+            resume=True, progress=False, vaccine=vaccine if v else None, retrospection=retrospection if r else None)[1])
         print(name, rows[name]["metrics"].get("acc"), rows[name]["metrics"].get("asr"), flush=True)
 
     bare = bare_loop_images_per_s(teacher, student_arch, test.image_shape, 64, device)

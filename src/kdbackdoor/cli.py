@@ -323,8 +323,8 @@ def distill_cmd(
     evaluate_teacher: bool = typer.Option(True, help="also record the teacher's ACC/ASR on the test set"),
     defense: str = typer.Option("none", help="none | robust-kd (dataset/ood: teacher targets averaged over "
                                 "random views of each image, see docs/defenses-data.md) | abd | sv | sr (data-free and "
-                                "ood: ABD's Shuffling Vaccine and/or Self-Retrospection; for ood the vaccine drops "
-                                "backdoor-like transfer images; see docs/abd.md)",
+                                "ood: ABD's Shuffling Vaccine and/or Self-Retrospection; for ood the student is "
+                                "pushed away from the teacher on backdoor-like transfer images; see docs/abd.md)",
                                 rich_help_panel=DEFENSE),
     sv_coefficient: float = typer.Option(0.1, help="sv/abd: weight of the vaccine's synthesis term (ood: of the "
                                          "push-away term)", rich_help_panel=DEFENSE),
@@ -453,10 +453,12 @@ def distill_cmd(
                            eval_every, seed, cutmix, compile_model)
     kd = _validated(KDConfig, kd_lambda=kd_lambda if kd_lambda is not None else (1.0 if method == "ood" else 0.5),
                     temperature=4.0 if temperature is None else temperature)
+    from kdbackdoor.defenses.abd import abd_halves
+    uses_vaccine, uses_retrospection = abd_halves(defense)
     vaccine = (_vaccine_config(sv_coefficient, sv_copies, sv_layers, sv_tail_test, seed,
-                               transfer_action=sv_transfer_action) if defense in ("sv", "abd") else None)
+                               transfer_action=sv_transfer_action) if uses_vaccine else None)
     retrospection = (_retrospection_config(sr_rounds, sr_portion, sr_start, sr_phase_lr, sr_perturb_model, seed)
-                     if defense in ("sr", "abd") else None)
+                     if uses_retrospection else None)
     dev = select_device(device)
     _start_run(out, resume, deterministic)
     model, sidecar = _load_teacher(teacher, dev)

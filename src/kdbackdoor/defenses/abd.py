@@ -55,12 +55,9 @@ class CombinedDefense(DistillDefense):
             part.load_state_dict(part_state)
 
 
-_BUILDERS = {
-    "sv": lambda vaccine, retrospection: ShufflingVaccine(vaccine),
-    "sr": lambda vaccine, retrospection: SelfRetrospection(retrospection),
-    "abd": lambda vaccine, retrospection: CombinedDefense(
-        "abd", [ShufflingVaccine(vaccine), SelfRetrospection(retrospection)]),
-}
+def abd_halves(name: str) -> tuple[bool, bool]:
+    """Whether the defense called ``name`` uses (the Shuffling Vaccine, Self-Retrospection)."""
+    return name in ("abd", "sv"), name in ("abd", "sr")
 
 
 def build_data_free_defense(name: str, vaccine: ShufflingVaccineConfig | None = None,
@@ -68,7 +65,10 @@ def build_data_free_defense(name: str, vaccine: ShufflingVaccineConfig | None = 
     """The defense called ``name`` (none, abd, sv, sr) with the given settings; None for none."""
     if name == "none":
         return None
-    if name not in _BUILDERS:
+    if name not in DATA_FREE_DEFENSES:
         raise KDBackdoorError(f"unknown defense {name!r} for data-free distillation; use one of "
                               f"{', '.join(DATA_FREE_DEFENSES)}")
-    return _BUILDERS[name](vaccine, retrospection)
+    uses_vaccine, uses_retrospection = abd_halves(name)
+    parts = ([ShufflingVaccine(vaccine)] if uses_vaccine else []) + (
+        [SelfRetrospection(retrospection)] if uses_retrospection else [])
+    return CombinedDefense(name, parts) if len(parts) > 1 else parts[0]

@@ -80,8 +80,8 @@ def distill(
     (``kdbackdoor.defenses.robust_kd``), the baseline's too. ABD's halves, for OOD KD: with
     ``vaccine`` the Shuffling Vaccine first marks backdoor-like transfer images (if its tail
     test passes), on which the student is then pushed away from the teacher (or which are
-    dropped: ``vaccine.transfer_action``); with ``retrospection`` every student step also unlearns Self-Retrospection's
-    universal perturbation. Returns (student, record).
+    dropped: ``vaccine.transfer_action``); with ``retrospection`` every student step also
+    unlearns Self-Retrospection's universal perturbation. Returns (student, record).
     """
     out_dir = Path(out_dir)
     labels_used = kd.kd_lambda < 1

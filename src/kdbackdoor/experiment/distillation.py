@@ -68,13 +68,13 @@ def distill_student(
                   resume=True, progress=progress, metadata=metadata)
     from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
     from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
+    from kdbackdoor.defenses.abd import abd_halves, build_data_free_defense
     seeded = {"seed": seed}
-    vaccine = ((section.vaccine or ShufflingVaccineConfig()).model_copy(update=seeded)
-               if section.defense in ("abd", "sv") else None)
+    uses_vaccine, uses_retrospection = abd_halves(section.defense)
+    vaccine = (section.vaccine or ShufflingVaccineConfig()).model_copy(update=seeded) if uses_vaccine else None
     retrospection = ((section.retrospection or SelfRetrospectionConfig()).model_copy(update=seeded)
-                     if section.defense in ("abd", "sr") else None)
+                     if uses_retrospection else None)
     if section.method in DATA_FREE_METHODS:
-        from kdbackdoor.defenses.abd import build_data_free_defense
         from kdbackdoor.distill.data_free import distill_data_free
         defense = build_data_free_defense(section.defense, vaccine=vaccine, retrospection=retrospection)
         _, record = distill_data_free(teacher, test, section.student_arch, _data_free_config(config), out_dir,
