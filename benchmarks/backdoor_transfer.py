@@ -8,7 +8,8 @@ budget. Reports teacher ACC/ASR and each student's ACC/ASR (ASR with the teacher
 trigger and target), and each method's throughput next to a bare teacher-forward +
 student-forward/backward loop timed in the same process, so overheads are ratios.
 
-Finished runs in --out are reused, so an interrupted run continues where it stopped.
+Finished runs in --out are reused, so an interrupted run continues where it stopped. Several calls may
+share one --out (e.g. one per method, side by side): a row one of them is making, the others wait for.
 
 Usage (digits, minutes):
   python benchmarks/backdoor_transfer.py --teacher runs/digits-badnets --scale digits
@@ -22,6 +23,7 @@ five times longer: --scale cifar-hour
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -93,8 +95,12 @@ def finished(folder: Path) -> dict | None:
 
 
 def run(folder: Path, make) -> dict:
-    """Reuse a finished run's record, else make it."""
-    return finished(folder) or make()
+    """Reuse a finished run's record, else make it. A row that another call of this benchmark is making
+    (e.g. clean-data KD, which every call makes) is waited for and then reused, not made twice at once."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process ends, however it ends
+        return finished(folder) or make()
 
 
 def bare_loop_images_per_s(teacher, student_arch: str, image_shape, batch_size: int, device, steps: int = 20) -> float:
