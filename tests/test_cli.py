@@ -64,7 +64,8 @@ def test_evaluate_takes_trigger_and_data_from_the_sidecar(backdoored, monkeypatc
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["dataset"] == "digits" and len(result["per_class"]) == 10
     assert result["backdoor"]["target"] == 1 and "1" not in result["backdoor"]["per_source_class_asr"]
-    assert "ASR" in out and "(target)" in out
+    assert result["backdoor"]["target_without_trigger"] < 0.2 < result["backdoor"]["asr"]  # the trigger's doing
+    assert "ASR" in out and "(target)" in out and "without the trigger" in out
 
 
 def test_evaluate_with_explicit_trigger(backdoored, monkeypatch, capsys, tmp_path):

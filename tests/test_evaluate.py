@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.evaluate import accuracy, attack_success_rate, predict
+from kdbackdoor.evaluate import accuracy, attack_success_rate, model_metrics, predict
 from conftest import PixelRuleModel, encoded_label_dataset
 
 
@@ -55,6 +55,25 @@ def test_asr_partial_trigger_per_source_class():
 def test_clean_model_baseline_asr_is_zero_for_identity_trigger():
     data = encoded_label_dataset()
     assert attack_success_rate(PixelRuleModel(), data, lambda x: x, target=2)["asr"] == 0.0
+
+
+def test_metrics_say_how_often_the_target_comes_without_the_trigger():
+    """A model that answers the target for everything has full ASR; the rate without the trigger
+    (same non-target images) shows it, where a real backdoor's is the clean error towards the target."""
+    data = encoded_label_dataset()
+    data.labels[:2] = 3  # two class-0 images mislabelled: the rule calls them 0, so 0 without any trigger
+
+    class AlwaysTarget(PixelRuleModel):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 4).float() + 0 * self.dummy
+
+    always = model_metrics(AlwaysTarget(), data, trigger=lambda x: x, target=0)
+    assert always["asr"] == 1.0 and always["target_without_trigger"] == 1.0
+    rule = model_metrics(PixelRuleModel(), data, trigger=set_label_pixel(0), target=0)
+    assert rule["asr"] == 1.0
+    assert rule["target_without_trigger"] == pytest.approx(2 / 17)  # 17 non-target images, 2 called 0
+    assert rule["acc"] == pytest.approx(18 / 20)
+    assert "target_without_trigger" not in model_metrics(PixelRuleModel(), data)
 
 
 def test_predict_restores_training_mode():

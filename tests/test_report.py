@@ -55,12 +55,14 @@ def add_run(results: Path, overrides: dict, metrics: dict, teacher: dict, baseli
 
 @pytest.fixture
 def attack_results(tmp_path):
-    """λ ∈ {0.5, 1} × seeds {0, 1}: ASR 0.2/0.4 at λ = 0.5, 0.9/0.9 at λ = 1."""
+    """λ ∈ {0.5, 1} × seeds {0, 1}: ASR 0.2/0.4 at λ = 0.5, 0.9/0.9 at λ = 1; the target without the
+    trigger 10% at λ = 0.5, 6% at λ = 1."""
     results = tmp_path / "attack"
     asr = {(0.5, 0): 0.2, (0.5, 1): 0.4, (1.0, 0): 0.9, (1.0, 1): 0.9}
     for (lam, seed), value in asr.items():
         add_run(results, {"seed": seed, "distill.kd.kd_lambda": lam, "poison.rate": 0.05},
-                {"acc": 0.9 + seed * 0.02, "asr": value}, {"acc": 0.95, "asr": 0.01},
+                {"acc": 0.9 + seed * 0.02, "asr": value, "target_without_trigger": 0.1 if lam == 0.5 else 0.06},
+                {"acc": 0.95, "asr": 0.01},
                 baseline={"acc": 0.91, "asr": 0.05}, poisoned=True)
     return results
 
@@ -92,9 +94,9 @@ def test_attack_tables_put_each_factor_against_asr_and_acc(attack_results):
     assert overview.rows[1][:4] == ["1", "2", "91.0 ± 1.4", "90.0 ± 0.0"]
     [vs_lambda] = attack_tables(runs)
     assert vs_lambda.title.endswith("vs λ")
-    assert vs_lambda.columns == ["λ", "n", "ACC", "ASR", "unpoisoned ACC", "unpoisoned ASR"]
-    assert vs_lambda.rows == [["0.5", "2", "91.0 ± 1.4", "30.0 ± 14.1", "91.0 ± 0.0", "5.0 ± 0.0"],
-                              ["1", "2", "91.0 ± 1.4", "90.0 ± 0.0", "91.0 ± 0.0", "5.0 ± 0.0"]]
+    assert vs_lambda.columns == ["λ", "n", "ACC", "ASR", "target w/o trigger", "unpoisoned ACC", "unpoisoned ASR"]
+    assert vs_lambda.rows == [["0.5", "2", "91.0 ± 1.4", "30.0 ± 14.1", "10.0 ± 0.0", "91.0 ± 0.0", "5.0 ± 0.0"],
+                              ["1", "2", "91.0 ± 1.4", "90.0 ± 0.0", "6.0 ± 0.0", "91.0 ± 0.0", "5.0 ± 0.0"]]
     assert abd_table(runs) is None  # clean teacher: not ABD's layout
 
 
@@ -122,8 +124,8 @@ def test_html_report_is_one_self_contained_page(attack_results, abd_results, tmp
 def test_markdown_report_links_pictures_written_beside_it(attack_results, tmp_path):
     out = write_report([attack_results], tmp_path / "report.md")
     text = out.read_text()
-    assert "| λ | n | ACC | ASR | unpoisoned ACC | unpoisoned ASR |" in text
-    assert "| 0.5 | 2 | 91.0 ± 1.4 | 30.0 ± 14.1 | 91.0 ± 0.0 | 5.0 ± 0.0 |" in text
+    assert "| λ | n | ACC | ASR | target w/o trigger | unpoisoned ACC | unpoisoned ASR |" in text
+    assert "| 0.5 | 2 | 91.0 ± 1.4 | 30.0 ± 14.1 | 10.0 ± 0.0 | 91.0 ± 0.0 | 5.0 ± 0.0 |" in text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert "report_files/asr_vs_lambda.png" in links and "report_files/acc_vs_asr.png" in links
     for link in links:

@@ -141,10 +141,12 @@ def evaluate_cmd(
     """ACC overall and per class, and ASR with per-source-class ASR when a trigger is known.
 
     ASR = share of test images whose true label differs from the target that the model
-    assigns to the target once the trigger is applied.
+    assigns to the target once the trigger is applied; beside it, the share of the same images
+    it assigns to the target without the trigger.
     """
     from kdbackdoor.atomic import write_json
-    from kdbackdoor.evaluate import accuracy, attack_success_rate
+    from kdbackdoor.evaluate import (accuracy_from_predictions, attack_success_rate, check_compatible, predict,
+                                     target_rate_without_trigger)
     from kdbackdoor.models import load_checkpoint
     from kdbackdoor.runtime import select_device
     from kdbackdoor.triggers import build_trigger
@@ -160,8 +162,9 @@ def evaluate_cmd(
         data_dir = data_dir or (Path(recorded["data_dir"]) if recorded.get("data_dir") else None)
         resize = resize or recorded.get("resize")
     data = _load(dataset, split, data_dir, resize)
-    result = {"model": str(model), "dataset": dataset, "split": split,
-              **accuracy(net, data, device=dev, batch_size=batch_size)}
+    check_compatible(net, data)
+    predictions = predict(net, data, device=dev, batch_size=batch_size)
+    result = {"model": str(model), "dataset": dataset, "split": split, **accuracy_from_predictions(predictions, data)}
     backdoor = meta.get("backdoor") or {}
     trig = _trigger(trigger, data.image_shape, 0) if trigger else (
         build_trigger(backdoor["trigger"]) if backdoor.get("trigger") else None)
@@ -171,7 +174,8 @@ def evaluate_cmd(
             raise KDBackdoorError("--trigger given without --target (the checkpoint records no target)")
         asr = attack_success_rate(net, data, trig, target, device=dev, batch_size=batch_size)
         result["backdoor"] = {"trigger": trig.config(), "target": target, "asr": asr["asr"],
-                              "per_source_class_asr": asr["per_source_class"], "n": asr["n"]}
+                              "per_source_class_asr": asr["per_source_class"], "n": asr["n"],
+                              "target_without_trigger": target_rate_without_trigger(predictions, data.labels, target)}
     out = out or _model_dir(model) / "evaluation.json"
     write_json(out, result)
     console.print(_evaluation_table(result, f"{model} on {dataset}:{split}"))
@@ -939,6 +943,9 @@ def _evaluation_table(result: dict, title: str) -> Table:
             cells.append(f"{per_source[name]:.2%}" if name in per_source else "(target)")
         table.add_row(*cells)
     table.add_row("[bold]all", f"[bold]{result['acc']:.2%}", *([f"[bold]{backdoor['asr']:.2%}"] if backdoor else []))
+    if backdoor:
+        table.caption = (f"without the trigger, {backdoor['target_without_trigger']:.2%} of the non-target images "
+                         f"are called the target ({backdoor['target']})")
     return table
 
 

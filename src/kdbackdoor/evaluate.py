@@ -2,7 +2,9 @@
 
 ACC = top-1 accuracy on the clean test set.
 ASR = share of test images whose true label != target that the model assigns to the
-target once the trigger is applied (target-class images are excluded).
+target once the trigger is applied (target-class images are excluded). Beside it, the share
+of the same images the model assigns to the target *without* the trigger, so that a model
+which says the target to everything is not read as backdoored.
 """
 
 from __future__ import annotations
@@ -51,12 +53,24 @@ def _per_class_rate(hits: torch.Tensor, labels: torch.Tensor, classes: list[str]
 def accuracy(model: torch.nn.Module, data: ImageDataset, **kwargs) -> dict:
     """``{"acc": top-1 in [0,1], "per_class": {class: acc}, "n": count}`` on ``data``."""
     check_compatible(model, data)
-    hits = predict(model, data, **kwargs) == data.labels.cpu()
+    return accuracy_from_predictions(predict(model, data, **kwargs), data)
+
+
+def accuracy_from_predictions(predictions: torch.Tensor, data: ImageDataset) -> dict:
+    """``accuracy``'s result from labels ``predict`` already made for ``data``."""
+    hits = predictions == data.labels.cpu()
     return {
         "acc": float(hits.float().mean()),
         "per_class": _per_class_rate(hits, data.labels.cpu(), data.classes),
         "n": len(data),
     }
+
+
+def target_rate_without_trigger(predictions: torch.Tensor, labels: torch.Tensor, target: int) -> float:
+    """Share of non-target images predicted as ``target`` with no trigger applied: the level ASR
+    (measured on the same images) must rise above before the trigger can be said to cause it."""
+    others = labels.cpu() != target
+    return float((predictions[others] == target).float().mean()) if others.any() else 0.0
 
 
 def attack_success_rate(
@@ -102,13 +116,17 @@ def model_metrics(
     model: torch.nn.Module, data: ImageDataset, *, trigger: PixelTransform | None = None,
     target: int | None = None, source_classes: list[int] | None = None, **kwargs,
 ) -> dict:
-    """The run-record metrics: ``acc``, ``per_class_acc``; with a trigger ``asr`` and
-    ``per_source_class_asr``; with restricted ``source_classes`` also ``trigger_sensitivity``."""
-    acc = accuracy(model, data, **kwargs)
+    """The run-record metrics: ``acc``, ``per_class_acc``; with a trigger ``asr``,
+    ``per_source_class_asr`` and ``target_without_trigger`` (see ``target_rate_without_trigger``);
+    with restricted ``source_classes`` also ``trigger_sensitivity``. Shares in [0, 1]."""
+    check_compatible(model, data)
+    predictions = predict(model, data, **kwargs)
+    acc = accuracy_from_predictions(predictions, data)
     metrics = {"acc": acc["acc"], "per_class_acc": acc["per_class"]}
     if trigger is not None:
         asr = attack_success_rate(model, data, trigger, target, **kwargs)
-        metrics.update(asr=asr["asr"], per_source_class_asr=asr["per_source_class"])
+        metrics.update(asr=asr["asr"], per_source_class_asr=asr["per_source_class"],
+                       target_without_trigger=target_rate_without_trigger(predictions, data.labels, target))
         if source_classes:
             metrics["trigger_sensitivity"] = trigger_sensitivity(asr, data, source_classes)
     return metrics
