@@ -182,3 +182,5 @@ def test_backdoor_metrics_and_trigger_sensitivity_are_recorded(digits, digits_te
     expected = (per_class[test.classes[3]] * counts[3] + per_class[test.classes[5]] * counts[5]) / (counts[3] + counts[5])
     assert sensitivity["asr_on_sources"] == pytest.approx(float(expected))
     assert record["backdoor"]["source_classes"] == [3, 5]
+    assert record["history"][-1]["test_asr"] == metrics["asr"]  # the per-epoch history follows the backdoor too
+    assert 0 <= metrics["target_without_trigger"] <= 1

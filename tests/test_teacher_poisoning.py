@@ -104,9 +104,9 @@ def test_holdout_is_seeded_disjoint_and_recorded(digits):
 
 def test_backdoored_teacher_learns_the_trigger_and_records_it(digits, tmp_path):
     train, test = digits
-    config = TrainConfig(epochs=6, batch_size=64, lr=0.05, crop_padding=0, hflip=False, eval_every=0, seed=0)
+    config = TrainConfig(epochs=6, batch_size=64, lr=0.05, crop_padding=0, hflip=False, eval_every=3, seed=0)
     trig = build_trigger("badnets-grid", image_shape=train.image_shape)
-    clean, _ = train_teacher(train, test, "small-cnn", config, tmp_path / "clean", device=torch.device("cpu"),
+    clean, clean_record = train_teacher(train, test, "small-cnn", config, tmp_path / "clean", device=torch.device("cpu"),
                              progress=False)
     bad, record = train_teacher(train, test, "small-cnn", config, tmp_path / "bad", device=torch.device("cpu"),
                                 progress=False, trigger=trig, poison=PoisonConfig(target=0, rate=0.1),
@@ -115,6 +115,10 @@ def test_backdoored_teacher_learns_the_trigger_and_records_it(digits, tmp_path):
     assert record["metrics"]["asr"] > 0.9
     assert clean_asr < 0.3 and record["metrics"]["asr"] > clean_asr + 0.6
     assert record["metrics"]["acc"] > 0.85
+    # the history shows the backdoor being learnt, at the evaluated epochs, and only for a backdoored teacher
+    assert [row["epoch"] for row in record["history"] if "test_asr" in row] == [3, 6]
+    assert record["history"][-1]["test_asr"] == record["metrics"]["asr"]
+    assert not any("test_asr" in row for row in clean_record["history"])
 
     reloaded, sidecar = load_checkpoint(tmp_path / "bad" / MODEL_FILE)
     backdoor = sidecar["metadata"]["backdoor"]

@@ -64,7 +64,8 @@ def train_teacher(
     _save_provenance(out_dir / PROVENANCE_FILE, train, held)  # after every check: a bad input leaves no folder
     started = time.perf_counter()
     history = fit(model, train, config, out_dir, loss_fn=cross_entropy_loss(config.label_smoothing),
-                  test=test, device=device, resume=resume, progress=progress, description=f"train {arch}")
+                  test=test, device=device, resume=resume, progress=progress, description=f"train {arch}",
+                  trigger=trigger if backdoor else None, target=backdoor["target"] if backdoor else None)
     metrics = model_metrics(model, test, trigger=trigger if backdoor else None,
                             target=backdoor["target"] if backdoor else None, device=device)
     record = {

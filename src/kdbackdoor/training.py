@@ -22,7 +22,7 @@ from kdbackdoor.atomic import atomic_path
 from kdbackdoor.data.augment import augment
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.evaluate import accuracy
+from kdbackdoor.evaluate import accuracy, attack_success_rate
 from kdbackdoor.runtime import Seed, autocast, channels_last, cpu_generator
 
 STATE_FILE = "train_state.pt"
@@ -138,11 +138,14 @@ def fit(
     description: str = "train",
     on_epoch_end: Callable[[int, dict], None] | None = None,
     step_hook: StepHook | None = None,
+    trigger: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    target: int | None = None,
 ) -> list[dict]:
     """Train ``model`` in place for ``config.epochs``; return the per-epoch history.
 
-    History rows: epoch, loss, train_acc (on augmented batches), test_acc (when evaluated),
-    lr, seconds, images_per_s. ``out_dir/train_state.pt`` holds the resumable state (with
+    History rows: epoch, loss, train_acc (on augmented batches), test_acc (when evaluated;
+    with a ``trigger`` (pixel batches [0,1] in and out) and ``target``, also test_asr), lr,
+    seconds, images_per_s. ``out_dir/train_state.pt`` holds the resumable state (with
     ``step_hook``'s own). ``step_hook`` adds gradients to every step.
     """
     device = device or next(model.parameters()).device
@@ -224,6 +227,8 @@ def fit(
             last = epoch + 1 == config.epochs
             if test is not None and (last or (config.eval_every and (epoch + 1) % config.eval_every == 0)):
                 row["test_acc"] = accuracy(model, test, device=device)["acc"]
+                if trigger is not None:  # watch a backdoor being learnt (or not) epoch by epoch
+                    row["test_asr"] = attack_success_rate(model, test, trigger, target, device=device)["asr"]
             history.append(row)
             bar.update(task, status=_status(row))
             _save_state(state_path, epoch + 1, model, optimizer, scheduler, generator, history, step_hook)
@@ -235,7 +240,8 @@ def fit(
 
 def _status(row: dict) -> str:
     text = f"epoch {row['epoch']} loss {row['loss']:.3f} train {row['train_acc']:.1%}"
-    return text + (f" test {row['test_acc']:.1%}" if "test_acc" in row else "")
+    return (text + (f" test {row['test_acc']:.1%}" if "test_acc" in row else "")
+            + (f" ASR {row['test_asr']:.1%}" if "test_asr" in row else ""))
 
 
 def _save_state(path: Path, epoch: int, model, optimizer, scheduler, generator, history, step_hook) -> None:

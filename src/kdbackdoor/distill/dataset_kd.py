@@ -133,7 +133,8 @@ def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, dev
         unlearning = SelfRetrospection(retrospection)
         unlearning.setup(teacher, student, device)
     history = fit(student, train, config, out_dir, loss_fn=loss_fn, test=test, device=device,
-                  resume=resume, progress=progress, description=f"distill {student_arch}", step_hook=unlearning)
+                  resume=resume, progress=progress, description=f"distill {student_arch}", step_hook=unlearning,
+                  trigger=backdoor.trigger if backdoor else None, target=backdoor.target if backdoor else None)
     parts = [vaccinated.record] if vaccinated is not None else []
     parts += [robust_kd_record(robust, cached is not None)] if robust is not None else []
     parts += [unlearning.record()] if unlearning is not None else []
