@@ -204,21 +204,23 @@ def main() -> None:
              f"{test.name} ({len(test)} images). Bare teacher+student loop: {bare:.0f} images/s.", "",
              f"Teacher: ACC {teacher_metrics['acc']:.1%}, ASR {teacher_metrics['asr']:.1%}.", "",
              "| run | student ACC | student ASR | target without trigger | SV enabled | student img/s (× bare) "
-             "| synthesis img/s | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| synthesis img/s | wall s | defense s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, record in rows.items():
         throughput = record.get("throughput") or {}
         student_speed = throughput.get("student_images_per_s")
         defense = record.get("defense") or {}
         parts = {p["name"]: p for p in defense.get("parts", [defense] if defense else [])}  # one: its own record
         enabled = parts.get("sv", {}).get("enabled", "")
+        defense_seconds = [p["seconds_this_session"] for p in parts.values() if "seconds_this_session" in p]
         without = record["metrics"].get("target_without_trigger")  # runs before session 13 lack it
         lines.append(
             f"| {name} | {record['metrics']['acc']:.1%} | {record['metrics']['asr']:.1%} | "
             + (f"{without:.1%}" if without is not None else "") + f" | {enabled} | "
             + (f"{student_speed:.0f} ({student_speed / bare:.2f}×)" if student_speed else "") + " | "
             + (f"{throughput['synthesis_images_per_s']:.0f}" if throughput.get("synthesis_images_per_s") else "")
-            + f" | {record.get('wall_seconds_this_session', 0):.0f} |")
+            + f" | {record.get('wall_seconds_this_session', 0):.0f} | "
+            + (f"{sum(defense_seconds):.0f}" if defense_seconds else "") + " |")
     # a custom --out is a variant: its table must not replace the scale's standard one
     name = f"backdoor_transfer_{args.scale}" + variant_suffix(args.out, None)
     write_results(name, {"teacher": args.teacher, "bare_images_per_s": bare, "runs": rows}, "\n".join(lines))

@@ -203,6 +203,9 @@ def test_abd_combines_both_halves_and_runs_in_data_free_distillation(backdoored_
                                   evaluate_teacher=False, defense=defense)
     sv, sr = record["defense"]["parts"]
     assert record["defense"]["name"] == "abd" and sv["enabled"] is True and sr["steps"] == 6
+    # each half says how long its own work took: the overhead, as a share of the run's wall time
+    assert 0 < sv["seconds_this_session"] and 0 < sr["seconds_this_session"]
+    assert sv["seconds_this_session"] + sr["seconds_this_session"] < record["wall_seconds_this_session"]
     assert build_data_free_defense("none") is None
     with pytest.raises(KDBackdoorError, match="abd, sv, sr"):
         build_data_free_defense("strip")
@@ -265,6 +268,8 @@ def test_abd_for_ood_distillation_filters_the_transfer_set_then_unlearns(backdoo
     assert record["defense"]["name"] == "abd" and sv["enabled"] is True and sv["pushed"] > 0
     assert record["train"]["size"] == 200  # pushed away from, not dropped
     assert sr["steps"] == 4  # the second half of 2 epochs × 4 steps
+    assert 0 < sv["seconds_this_session"] and 0 < sr["seconds_this_session"]
+    assert sv["seconds_this_session"] + sr["seconds_this_session"] < record["wall_seconds_this_session"]
     _, record = distill(teacher, transfer, test, "small-cnn", config, KDConfig(kd_lambda=1.0), tmp_path / "drop",
                         device=CPU, progress=False, evaluate_teacher=False,
                         vaccine=ShufflingVaccineConfig(tail_test=False, transfer_action="drop"))

@@ -1,6 +1,7 @@
 """`poison-distill`, `distill` and `evaluate` on their records, run the way a user runs them."""
 
 import json
+import re
 
 import pytest
 
@@ -191,6 +192,7 @@ def test_ood_distillation_takes_abd(backdoored_teacher, ood_set, monkeypatch, ca
     assert record["defense"]["name"] == "abd" and sv["enabled"] is True
     assert sv["pushed"] == sv["suspicious"] and sv["config"]["transfer_action"] == "push"
     assert sr["config"]["rounds"] == 1 and sr["steps"] >= 1
+    assert re.search(rf"defense abd: sv on, [\d.]+ s; sr, {sr['steps']} steps, [\d.]+ s \(run: [\d.]+ s", out)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -29,3 +29,17 @@ def test_with_an_accelerator_auto_picks_it_and_only_its_kind_is_accepted(monkeyp
 def test_names_torch_does_not_know_are_refused(name):
     with pytest.raises(KDBackdoorError, match="unknown device"):
         select_device(name)
+
+
+def test_stopwatch_sums_the_time_inside_its_blocks_even_when_one_fails():
+    import time
+
+    from kdbackdoor.runtime import Stopwatch
+    watch = Stopwatch()
+    with watch.timing(torch.device("cpu")):
+        time.sleep(0.05)
+    with pytest.raises(ValueError), watch.timing(torch.device("cpu")):
+        time.sleep(0.05)
+        raise ValueError
+    time.sleep(0.1)  # outside: not counted
+    assert 0.1 <= watch.seconds < 0.18

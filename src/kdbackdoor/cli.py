@@ -1109,11 +1109,15 @@ def _run_summary(record: dict, student: bool = True) -> str:
         text = f"{name}: ACC {metrics['acc']:.2%}"
         if "asr" in metrics:
             text += f", ASR {metrics['asr']:.2%}"
+        if metrics.get("target_without_trigger") is not None:
+            text += f" (the target without the trigger: {metrics['target_without_trigger']:.2%})"
         sensitivity = metrics.get("trigger_sensitivity")
         if sensitivity and sensitivity.get("false_positive_rate") is not None:
             text += f" (trigger false-positive rate on non-source classes {sensitivity['false_positive_rate']:.2%})"
         return text
     lines = [line("student", record["metrics"])] if student else []
+    if student and record.get("defense"):
+        lines.append(_defense_line(record))
     if record.get("baseline"):
         lines.append(line("baseline student (same data, no poisons)", record["baseline"]["metrics"]))
     if record.get("teacher_metrics"):
@@ -1125,6 +1129,23 @@ def _run_summary(record: dict, student: bool = True) -> str:
             stability["poison_with_trigger"]["mean"], stability["poison_without_trigger"]["mean"],
             stability["clean_source"]["mean"]))
     return "\n".join(lines)
+
+
+def _defense_line(record: dict) -> str:
+    """What each part of the run's defense did and how long its own work took (its overhead)."""
+    defense = record["defense"]
+    bits = []
+    for part in defense.get("parts", [defense]):
+        text = part["name"]
+        if "enabled" in part:
+            text += {True: " on", False: " off (tail test failed)", None: " (tail test not reached)"}[part["enabled"]]
+        if part.get("steps") is not None:
+            text += f", {part['steps']} steps"
+        if part.get("seconds_this_session") is not None:
+            text += f", {part['seconds_this_session']:.1f} s"
+        bits.append(text)
+    wall = record.get("wall_seconds_this_session")
+    return f"defense {defense['name']}: " + "; ".join(bits) + (f" (run: {wall:.1f} s this session)" if wall else "")
 
 
 def _trigger(spec: str, image_shape: tuple[int, int, int], seed: int):

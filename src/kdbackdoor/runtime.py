@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import time
 from typing import Annotated
 
 import numpy as np
@@ -84,3 +85,24 @@ def channels_last(model: torch.nn.Module) -> torch.nn.Module:
 def cpu_generator(seed: int) -> torch.Generator:
     """A CPU generator: random draws made on it are identical whatever device runs the model."""
     return torch.Generator().manual_seed(seed)
+
+
+class Stopwatch:
+    """Wall seconds spent inside ``timing`` blocks, summed (e.g. a defense's own work, to report its
+    overhead). On CUDA the device is synchronised at both ends of a block, so the kernels a block
+    queued are counted in it rather than in whatever waits for them next."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def timing(self, device: torch.device):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.seconds += time.perf_counter() - started

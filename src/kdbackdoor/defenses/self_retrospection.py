@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kdbackdoor.defenses.hypergradient import implicit_hypergradient
 from kdbackdoor.distill.hooks import DistillDefense, StudentStep
 from kdbackdoor.models.batchnorm import preserved_batchnorm_statistics
-from kdbackdoor.runtime import Seed, cpu_generator
+from kdbackdoor.runtime import Seed, Stopwatch, cpu_generator
 from kdbackdoor.training import add_gradients
 
 
@@ -80,6 +80,7 @@ class SelfRetrospection(DistillDefense):
         self.phase_progress: float | None = None  # share of the SR phase done, when it has its own lr
         self.steps = 0
         self.last_change = 0.0
+        self.stopwatch = Stopwatch()
 
     def setup(self, teacher, student, device) -> None:
         self.teacher = teacher
@@ -115,7 +116,7 @@ class SelfRetrospection(DistillDefense):
         learning rate for this step."""
         if not self.active:
             return None
-        with preserved_batchnorm_statistics(student):
+        with self.stopwatch.timing(images.device), preserved_batchnorm_statistics(student):
             delta = self.search_perturbation(student if self.config.perturb_model == "student" else self.teacher,
                                              images)
             params = [p for p in student.parameters() if p.requires_grad]
@@ -157,7 +158,7 @@ class SelfRetrospection(DistillDefense):
 
     def record(self) -> dict:
         return {"name": self.name, "config": self.config.model_dump(), "steps": self.steps,
-                "last_perturbation_change": self.last_change}
+                "last_perturbation_change": self.last_change, "seconds_this_session": self.stopwatch.seconds}
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.get_state(), "steps": self.steps}

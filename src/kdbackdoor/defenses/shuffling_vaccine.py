@@ -22,6 +22,7 @@ distillation then pushes the student away from the teacher on them, as ABD's OOD
 from __future__ import annotations
 
 import copy
+import time
 from typing import Literal
 
 import torch
@@ -33,7 +34,7 @@ from kdbackdoor.data.dataset import ImageDataset, to_uint8
 from kdbackdoor.distill.hooks import DistillDefense
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models.classifier import conv_layers
-from kdbackdoor.runtime import Seed, cpu_generator
+from kdbackdoor.runtime import Seed, Stopwatch, cpu_generator
 
 IGNORED_BATCHES = 10  # the first synthetic batches (an untrained synthesiser's) say little
 TAIL_TEST_IMAGES = 10000  # transfer images the OOD tail test looks at
@@ -146,6 +147,7 @@ def suspect_transfer_images(teacher: nn.Module, data: ImageDataset, config: Shuf
     are not read.
     """
     config = config or ShufflingVaccineConfig()
+    started = time.perf_counter()
     teacher = teacher.to(device).eval()
     suspect = SuspectEnsemble(teacher, config.copies, config.layers, cpu_generator(config.seed)).to(device).eval()
     trials: list[float] = []
@@ -156,11 +158,12 @@ def suspect_transfer_images(teacher: nn.Module, data: ImageDataset, config: Shuf
         enabled = True
     record = {"name": "sv", "config": config.model_dump(), "enabled": enabled, "tail_ratios": trials,
               "shuffled_layers": suspect.layer_names, "transfer_images": len(data), "suspicious": 0}
-    if not enabled:
-        return None, record
-    agree = torch.cat([suspect(x).argmax(1) == teacher(x).argmax(1)
-                       for x, _, _ in data.batches(batch_size, device=device)]).cpu()
-    record["suspicious"] = int(agree.sum())
+    agree = None
+    if enabled:
+        agree = torch.cat([suspect(x).argmax(1) == teacher(x).argmax(1)
+                           for x, _, _ in data.batches(batch_size, device=device)]).cpu()
+        record["suspicious"] = int(agree.sum())
+    record["seconds_this_session"] = time.perf_counter() - started  # .cpu() above waited for the device
     return agree, record
 
 
@@ -177,6 +180,7 @@ class ShufflingVaccine(DistillDefense):
         self.penalised = 0
         self.seen = 0
         self._test_images: list[torch.Tensor] = []
+        self.stopwatch = Stopwatch()
 
     def setup(self, teacher, student, device) -> None:
         self.teacher = teacher
@@ -184,6 +188,10 @@ class ShufflingVaccine(DistillDefense):
                                        cpu_generator(self.config.seed)).to(device).eval().requires_grad_(False)
 
     def synthesis_loss(self, images: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor | None:
+        with self.stopwatch.timing(images.device):
+            return self._synthesis_loss(images, teacher_logits)
+
+    def _synthesis_loss(self, images: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor | None:
         self.batches += 1
         if self.enabled is None:
             if self.batches > IGNORED_BATCHES:
@@ -210,7 +218,8 @@ class ShufflingVaccine(DistillDefense):
     def record(self) -> dict:
         return {"name": self.name, "config": self.config.model_dump(), "enabled": self.enabled,
                 "tail_ratios": self.trials, "shuffled_layers": self.suspect.layer_names,
-                "penalised_share": self.penalised / self.seen if self.seen else None}
+                "penalised_share": self.penalised / self.seen if self.seen else None,
+                "seconds_this_session": self.stopwatch.seconds}
 
     def state_dict(self) -> dict:
         return {"batches": self.batches, "enabled": self.enabled, "trials": self.trials, "penalised": self.penalised,
