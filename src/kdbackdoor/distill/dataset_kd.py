@@ -136,7 +136,7 @@ def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, dev
                   resume=resume, progress=progress, description=f"distill {student_arch}", step_hook=unlearning,
                   trigger=backdoor.trigger if backdoor else None, target=backdoor.target if backdoor else None)
     parts = [vaccinated.record] if vaccinated is not None else []
-    parts += [robust_kd_record(robust, cached is not None)] if robust is not None else []
+    parts += [robust_kd_record(robust, cached is not None, targets.stopwatch.seconds)] if robust is not None else []
     parts += [unlearning.record()] if unlearning is not None else []
     poisoned = int(train.provenance.poisoned.sum()) if train.provenance is not None else 0
     record = {
