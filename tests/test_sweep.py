@@ -14,7 +14,7 @@ import pytest
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.experiment.config import apply_overrides, validate_config
 from kdbackdoor.experiment.index import read_index, update_index
-from kdbackdoor.experiment.runner import run_experiment
+from kdbackdoor.experiment.runner import is_complete, run_experiment
 from kdbackdoor.experiment import sweep as sweep_module
 from kdbackdoor.experiment.sweep import SweepSpec, expand, load_sweep, run_sweep
 
@@ -143,9 +143,10 @@ def test_resume_after_a_killed_sweep_completes_every_run_once(tmp_path):
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    done_before = {row["run_id"] for row in read_index(results) if row["status"] == "complete"}
-    assert 1 <= len(done_before) < 4
     spec, runs = load_sweep(path)
+    # complete = its record exists (the kill may land after a record is written, before the index is)
+    done_before = {run.run_id for run in runs if is_complete(results / "runs" / run.run_id)}
+    assert 1 <= len(done_before) < 4
     result = run_sweep(spec, runs, results, progress=False)
     assert set(result.skipped) == done_before and not result.failed
     assert set(result.completed) == {run.run_id for run in runs} - done_before
