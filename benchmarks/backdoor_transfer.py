@@ -36,7 +36,7 @@ from kdbackdoor.defenses.abd import DATA_FREE_DEFENSES, abd_halves, build_data_f
 from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
 from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
 from kdbackdoor.distill.data_free import DataFreeConfig, distill_data_free
-from kdbackdoor.distill.dataset_kd import Backdoor, distill
+from kdbackdoor.distill.dataset_kd import Backdoor, defense_parts, distill
 from kdbackdoor.distill.losses import KDConfig
 from kdbackdoor.models import build_model, load_checkpoint
 from kdbackdoor.runtime import channels_last, select_device
@@ -209,8 +209,7 @@ def main() -> None:
     for name, record in rows.items():
         throughput = record.get("throughput") or {}
         student_speed = throughput.get("student_images_per_s")
-        defense = record.get("defense") or {}
-        parts = {p["name"]: p for p in defense.get("parts", [defense] if defense else [])}  # one: its own record
+        parts = {p["name"]: p for p in defense_parts(record.get("defense"))}
         enabled = parts.get("sv", {}).get("enabled", "")
         defense_seconds = [p["seconds_this_session"] for p in parts.values() if "seconds_this_session" in p]
         without = record["metrics"].get("target_without_trigger")  # runs before session 13 lack it

@@ -145,8 +145,7 @@ def evaluate_cmd(
     it assigns to the target without the trigger.
     """
     from kdbackdoor.atomic import write_json
-    from kdbackdoor.evaluate import (accuracy_from_predictions, attack_success_rate, check_compatible, predict,
-                                     target_rate_without_trigger)
+    from kdbackdoor.evaluate import model_metrics
     from kdbackdoor.models import load_checkpoint
     from kdbackdoor.runtime import select_device
     from kdbackdoor.triggers import build_trigger
@@ -162,20 +161,20 @@ def evaluate_cmd(
         data_dir = data_dir or (Path(recorded["data_dir"]) if recorded.get("data_dir") else None)
         resize = resize or recorded.get("resize")
     data = _load(dataset, split, data_dir, resize)
-    check_compatible(net, data)
-    predictions = predict(net, data, device=dev, batch_size=batch_size)
-    result = {"model": str(model), "dataset": dataset, "split": split, **accuracy_from_predictions(predictions, data)}
     backdoor = meta.get("backdoor") or {}
     trig = _trigger(trigger, data.image_shape, 0) if trigger else (
         build_trigger(backdoor["trigger"]) if backdoor.get("trigger") else None)
     target = target if target is not None else backdoor.get("target")
+    if trig is not None and target is None:
+        raise KDBackdoorError("--trigger given without --target (the checkpoint records no target)")
+    metrics = model_metrics(net, data, trigger=trig, target=target, device=dev, batch_size=batch_size)
+    result = {"model": str(model), "dataset": dataset, "split": split, "acc": metrics["acc"],
+              "per_class": metrics["per_class_acc"], "n": len(data)}
     if trig is not None:
-        if target is None:
-            raise KDBackdoorError("--trigger given without --target (the checkpoint records no target)")
-        asr = attack_success_rate(net, data, trig, target, device=dev, batch_size=batch_size)
-        result["backdoor"] = {"trigger": trig.config(), "target": target, "asr": asr["asr"],
-                              "per_source_class_asr": asr["per_source_class"], "n": asr["n"],
-                              "target_without_trigger": target_rate_without_trigger(predictions, data.labels, target)}
+        result["backdoor"] = {"trigger": trig.config(), "target": target, "asr": metrics["asr"],
+                              "per_source_class_asr": metrics["per_source_class_asr"],
+                              "n": int((data.labels != target).sum()),
+                              "target_without_trigger": metrics["target_without_trigger"]}
     out = out or _model_dir(model) / "evaluation.json"
     write_json(out, result)
     console.print(_evaluation_table(result, f"{model} on {dataset}:{split}"))
@@ -1116,7 +1115,7 @@ def _run_summary(record: dict, student: bool = True) -> str:
             text += f" (trigger false-positive rate on non-source classes {sensitivity['false_positive_rate']:.2%})"
         return text
     lines = [line("student", record["metrics"])] if student else []
-    if student and record.get("defense"):
+    if student and (record.get("defense") or {}).get("name", "none") != "none":  # data-free runs record "none"
         lines.append(_defense_line(record))
     if record.get("baseline"):
         lines.append(line("baseline student (same data, no poisons)", record["baseline"]["metrics"]))
@@ -1133,9 +1132,10 @@ def _run_summary(record: dict, student: bool = True) -> str:
 
 def _defense_line(record: dict) -> str:
     """What each part of the run's defense did and how long its own work took (its overhead)."""
+    from kdbackdoor.distill.dataset_kd import defense_parts
     defense = record["defense"]
     bits = []
-    for part in defense.get("parts", [defense]):
+    for part in defense_parts(defense):
         text = part["name"]
         if "enabled" in part:
             text += {True: " on", False: " off (tail test failed)", None: " (tail test not reached)"}[part["enabled"]]

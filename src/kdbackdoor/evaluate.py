@@ -53,11 +53,10 @@ def _per_class_rate(hits: torch.Tensor, labels: torch.Tensor, classes: list[str]
 def accuracy(model: torch.nn.Module, data: ImageDataset, **kwargs) -> dict:
     """``{"acc": top-1 in [0,1], "per_class": {class: acc}, "n": count}`` on ``data``."""
     check_compatible(model, data)
-    return accuracy_from_predictions(predict(model, data, **kwargs), data)
+    return _accuracy_from_predictions(predict(model, data, **kwargs), data)
 
 
-def accuracy_from_predictions(predictions: torch.Tensor, data: ImageDataset) -> dict:
-    """``accuracy``'s result from labels ``predict`` already made for ``data``."""
+def _accuracy_from_predictions(predictions: torch.Tensor, data: ImageDataset) -> dict:
     hits = predictions == data.labels.cpu()
     return {
         "acc": float(hits.float().mean()),
@@ -121,7 +120,7 @@ def model_metrics(
     with restricted ``source_classes`` also ``trigger_sensitivity``. Shares in [0, 1]."""
     check_compatible(model, data)
     predictions = predict(model, data, **kwargs)
-    acc = accuracy_from_predictions(predictions, data)
+    acc = _accuracy_from_predictions(predictions, data)
     metrics = {"acc": acc["acc"], "per_class_acc": acc["per_class"]}
     if trigger is not None:
         asr = attack_success_rate(model, data, trigger, target, **kwargs)

@@ -208,6 +208,14 @@ def combined_record(parts: list[dict]) -> dict | None:
     return {"name": "abd" if names == ["sv", "sr"] else "+".join(names), "parts": parts}
 
 
+def defense_parts(defense: dict | None) -> list[dict]:
+    """The records of a run record's ``defense`` one by one: its ``parts``, itself when it is one
+    defense, none when there is none."""
+    if not defense:
+        return []
+    return defense.get("parts", [defense])
+
+
 def student_metrics(model: torch.nn.Module, test: ImageDataset, backdoor: Backdoor | None,
                     device: torch.device) -> dict:
     """``model_metrics`` on ``test`` for the backdoor a distilled student is checked for (if any)."""
