@@ -147,6 +147,8 @@ def main() -> None:
     if not dataset:
         raise SystemExit("the teacher's checkpoint does not record its data set: pass --dataset SPEC")
     spec, data_dir, resize = dataset["spec"], dataset.get("data_dir"), dataset.get("resize")
+    # students record the teacher's data set, so `kdbackdoor evaluate --model STUDENT` needs no --dataset
+    recorded = {"dataset": {"spec": spec, "data_dir": data_dir, "resize": resize}}
     train = load_dataset(spec, "train", data_dir=data_dir, resize=resize)
     test = load_dataset(spec, "test", data_dir=data_dir, resize=resize)
     test = test.subset(torch.arange(0, len(test), scale["test_every"]), name=f"{test.name}[::{scale['test_every']}]")
@@ -174,7 +176,8 @@ def main() -> None:
             def make(config=config, defense_name=defense_name, folder=out / name):
                 defense = build_data_free_defense(defense_name, vaccine=vaccine, retrospection=retrospection)
                 return distill_data_free(teacher, test, student_arch, config, folder, device=device,
-                                         backdoor=backdoor, defense=defense, resume=True, progress=False)[1]
+                                         backdoor=backdoor, defense=defense, resume=True, progress=False,
+                                         metadata=recorded)[1]
             rows[name] = run(out / name, make)
             print(name, rows[name]["metrics"].get("acc"), rows[name]["metrics"].get("asr"), flush=True)
 
@@ -183,7 +186,7 @@ def main() -> None:
     kl_only = KDConfig(kd_lambda=1.0, temperature=4.0)
     rows["clean-data-kd"] = run(out / "clean-data-kd", lambda: distill(
         teacher, train, test, student_arch, train_config, kl_only, out / "clean-data-kd", device=device,
-        backdoor=backdoor, resume=True, progress=False)[1])
+        backdoor=backdoor, resume=True, progress=False, metadata=recorded)[1])
     ood = load_dataset(args.ood_data, "train", resize=test.image_shape[-1]) if args.ood_data else None
     for defense_name in DATA_FREE_DEFENSES:  # OOD KD: the vaccine filters the transfer set, SR is a step hook
         name = f"ood-{defense_name}"
@@ -194,7 +197,8 @@ def main() -> None:
         uses_vaccine, uses_retrospection = abd_halves(defense_name)
         rows[name] = run(out / name, lambda name=name, v=uses_vaccine, r=uses_retrospection: distill(
             teacher, ood, test, student_arch, train_config, kl_only, out / name, device=device, backdoor=backdoor,
-            resume=True, progress=False, vaccine=vaccine if v else None, retrospection=retrospection if r else None)[1])
+            resume=True, progress=False, vaccine=vaccine if v else None, retrospection=retrospection if r else None,
+            metadata=recorded)[1])
         print(name, rows[name]["metrics"].get("acc"), rows[name]["metrics"].get("asr"), flush=True)
 
     bare = bare_loop_images_per_s(teacher, student_arch, test.image_shape, 64, device)

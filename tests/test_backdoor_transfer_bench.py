@@ -1,0 +1,72 @@
+"""The backdoor-transfer benchmark (benchmarks/backdoor_transfer.py), the one behind the data-free
+tables in docs/, at a tiny scale: its table has a row per run, its students can be evaluated
+without naming their data set, and a second call reuses finished runs instead of redoing them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdbackdoor.cli import main
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = {"student": "small-cnn", "test_every": 3, "epochs": 1, "sr_start": 0.5,
+        "methods": {"zskt": dict(iterations=4, batch_size=16, student_steps=1, eval_every=2)}}
+
+
+@pytest.fixture(scope="module")
+def transfer():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import backdoor_transfer
+        yield backdoor_transfer
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _kdbackdoor(monkeypatch, *args) -> int:
+    monkeypatch.setattr(sys, "argv", ["kdbackdoor", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code or 0
+
+
+def _benchmark(monkeypatch, transfer, *args) -> None:
+    monkeypatch.setattr(sys, "argv", ["backdoor_transfer.py", *map(str, args)])
+    transfer.main()
+
+
+def test_tiny_transfer_table_students_and_reuse(transfer, monkeypatch, capsys, tmp_path):
+    import common
+    monkeypatch.setitem(transfer.SCALES, "tiny", TINY)
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    teacher = tmp_path / "teacher"
+    assert _kdbackdoor(monkeypatch, "train-teacher", "--dataset", "digits", "--arch", "small-cnn", "--out", teacher,
+                       "--backdoor", "badnets-grid", "--target", "1", "--poison-rate", "0.1", "--epochs", "1",
+                       "--crop-padding", "0", "--no-hflip", "--eval-every", "0", "--no-progress") == 0
+    out = tmp_path / "bench"
+    args = ["--teacher", teacher, "--scale", "tiny", "--methods", "zskt", "--defenses", "none", "abd", "--out", out]
+    _benchmark(monkeypatch, transfer, *args)
+
+    table = (tmp_path / "results" / "backdoor_transfer_tiny_bench.md").read_text()
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "%" in line]
+    assert rows == ["zskt-none", "zskt-abd", "clean-data-kd"]
+    data = json.loads((tmp_path / "results" / "backdoor_transfer_tiny_bench.json").read_text())
+    assert data["runs"]["zskt-abd"]["defense"]["name"] == "abd"
+    assert [row["iteration"] for row in data["runs"]["zskt-none"]["history"]] == [2, 4]
+
+    capsys.readouterr()
+    assert _kdbackdoor(monkeypatch, "evaluate", "--model", out / "zskt-none") == 0  # no --dataset needed
+    evaluated = capsys.readouterr().out
+    assert "digits" in evaluated and "ASR" in evaluated
+
+    def must_not_run(*_, **__):
+        raise AssertionError("a finished run was made again")
+    monkeypatch.setattr(transfer, "distill_data_free", must_not_run)
+    monkeypatch.setattr(transfer, "distill", must_not_run)
+    _benchmark(monkeypatch, transfer, *args)
+    again = json.loads((tmp_path / "results" / "backdoor_transfer_tiny_bench.json").read_text())
+    assert again["runs"]["zskt-none"]["metrics"] == data["runs"]["zskt-none"]["metrics"]
