@@ -6,25 +6,17 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
-
 import pytest
 
 from kdbackdoor.cli import main
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = {"student": "small-cnn", "test_every": 3, "epochs": 1, "sr_start": 0.5,
         "methods": {"zskt": dict(iterations=4, batch_size=16, student_steps=1, eval_every=2)}}
 
 
 @pytest.fixture(scope="module")
-def transfer():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import backdoor_transfer
-        yield backdoor_transfer
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def transfer(import_benchmark):
+    return import_benchmark("backdoor_transfer")
 
 
 def _kdbackdoor(monkeypatch, *args) -> int:
@@ -39,8 +31,8 @@ def _benchmark(monkeypatch, transfer, *args) -> None:
     transfer.main()
 
 
-def test_tiny_transfer_table_students_and_reuse(transfer, monkeypatch, capsys, tmp_path):
-    import common
+def test_tiny_transfer_table_students_and_reuse(transfer, import_benchmark, monkeypatch, capsys, tmp_path):
+    common = import_benchmark("common")
     monkeypatch.setitem(transfer.SCALES, "tiny", TINY)
     monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
     teacher = tmp_path / "teacher"

@@ -4,23 +4,14 @@ positive numbers; timings themselves are not checked (they depend on the machine
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def performance():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import performance
-        yield performance
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def performance(import_benchmark):
+    return import_benchmark("performance")
 
 
 def _positive(value) -> bool:
@@ -61,13 +52,8 @@ def test_tiny_run_is_well_formed(performance):
     assert "| hot path |" in report and "Data-free KD" in report and "Memory" in report
 
 
-def test_profile_rows_are_well_formed():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from common import top_ops
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    ops = top_ops(lambda: torch.mm(torch.rand(32, 32), torch.rand(32, 32)), rows=3)
+def test_profile_rows_are_well_formed(import_benchmark):
+    ops = import_benchmark("common").top_ops(lambda: torch.mm(torch.rand(32, 32), torch.rand(32, 32)), rows=3)
     assert 0 < len(ops) <= 3
     assert all(op["calls"] >= 1 and op["self_cpu_ms"] >= 0 and 0 <= op["share"] <= 1 for op in ops)
 
