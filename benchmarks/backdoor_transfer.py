@@ -6,7 +6,8 @@ with each data-free method (and OOD KD on another data set), with and without a 
 a clean-data KD baseline on the teacher's own training data, all with the same student and
 budget. Reports teacher ACC/ASR and each student's ACC/ASR (ASR with the teacher's recorded
 trigger and target), and each method's throughput next to a bare teacher-forward +
-student-forward/backward loop timed in the same process, so overheads are ratios.
+student-forward/backward loop timed in each run's process just before the run (recorded with it),
+so overheads are ratios taken under the same load.
 
 Finished runs in --out are reused, so an interrupted run continues where it stopped. Several calls may
 share one --out (e.g. one per method, side by side): a row one of them is making, the others wait for.
@@ -147,14 +148,19 @@ def main() -> None:
     if not dataset:
         raise SystemExit("the teacher's checkpoint does not record its data set: pass --dataset SPEC")
     spec, data_dir, resize = dataset["spec"], dataset.get("data_dir"), dataset.get("resize")
-    # students record the teacher's data set, so `kdbackdoor evaluate --model STUDENT` needs no --dataset
-    recorded = {"dataset": {"spec": spec, "data_dir": data_dir, "resize": resize}}
     train = load_dataset(spec, "train", data_dir=data_dir, resize=resize)
     test = load_dataset(spec, "test", data_dir=data_dir, resize=resize)
     test = test.subset(torch.arange(0, len(test), scale["test_every"]), name=f"{test.name}[::{scale['test_every']}]")
     backdoor = teacher_backdoor(sidecar)
-    out = args.out or Path("runs") / f"bench-transfer-{Path(args.teacher).name}"
     student_arch = scale["student"]
+
+    def metadata() -> dict:
+        """What a run made now records beside its own record: the teacher's data set (so `kdbackdoor
+        evaluate --model STUDENT` needs no --dataset) and the bare loop's speed timed just before it in
+        the same process and load, the floor its throughput is a ratio of."""
+        return {"dataset": {"spec": spec, "data_dir": data_dir, "resize": resize},
+                "bare_loop_images_per_s": bare_loop_images_per_s(teacher, student_arch, test.image_shape, 64, device)}
+    out = args.out or Path("runs") / f"bench-transfer-{Path(args.teacher).name}"
     rows: dict[str, dict] = {}
 
     chosen = args.methods or [*scale["methods"], "ood"]
@@ -177,7 +183,7 @@ def main() -> None:
                 defense = build_data_free_defense(defense_name, vaccine=vaccine, retrospection=retrospection)
                 return distill_data_free(teacher, test, student_arch, config, folder, device=device,
                                          backdoor=backdoor, defense=defense, resume=True, progress=False,
-                                         metadata=recorded)[1]
+                                         metadata=metadata())[1]
             rows[name] = run(out / name, make)
             print(name, rows[name]["metrics"].get("acc"), rows[name]["metrics"].get("asr"), flush=True)
 
@@ -186,7 +192,7 @@ def main() -> None:
     kl_only = KDConfig(kd_lambda=1.0, temperature=4.0)
     rows["clean-data-kd"] = run(out / "clean-data-kd", lambda: distill(
         teacher, train, test, student_arch, train_config, kl_only, out / "clean-data-kd", device=device,
-        backdoor=backdoor, resume=True, progress=False, metadata=recorded)[1])
+        backdoor=backdoor, resume=True, progress=False, metadata=metadata())[1])
     ood = load_dataset(args.ood_data, "train", resize=test.image_shape[-1]) if args.ood_data else None
     for defense_name in DATA_FREE_DEFENSES:  # OOD KD: the vaccine filters the transfer set, SR is a step hook
         name = f"ood-{defense_name}"
@@ -198,21 +204,22 @@ def main() -> None:
         rows[name] = run(out / name, lambda name=name, v=uses_vaccine, r=uses_retrospection: distill(
             teacher, ood, test, student_arch, train_config, kl_only, out / name, device=device, backdoor=backdoor,
             resume=True, progress=False, vaccine=vaccine if v else None, retrospection=retrospection if r else None,
-            metadata=recorded)[1])
+            metadata=metadata())[1])
         print(name, rows[name]["metrics"].get("acc"), rows[name]["metrics"].get("asr"), flush=True)
 
-    bare = bare_loop_images_per_s(teacher, student_arch, test.image_shape, 64, device)
     teacher_metrics = rows["clean-data-kd"]["teacher_metrics"]
     lines = [f"Backdoor transfer, scale `{args.scale}`, teacher `{args.teacher}` "
              f"({backdoor.trigger.name}, target {backdoor.target}), student `{student_arch}`, test set "
-             f"{test.name} ({len(test)} images). Bare teacher+student loop: {bare:.0f} images/s.", "",
+             f"{test.name} ({len(test)} images). Bare: a teacher-forward + student-step loop timed in the "
+             "run's own process just before it (runs made before session 14 did not time one).", "",
              f"Teacher: ACC {teacher_metrics['acc']:.1%}, ASR {teacher_metrics['asr']:.1%}.", "",
              "| run | student ACC | student ASR | target without trigger | SV enabled | student img/s (× bare) "
-             "| synthesis img/s | wall s | defense s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| synthesis img/s | bare img/s | wall s | defense s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, record in rows.items():
         throughput = record.get("throughput") or {}
         student_speed = throughput.get("student_images_per_s")
+        bare = record.get("bare_loop_images_per_s")
         parts = {p["name"]: p for p in defense_parts(record.get("defense"))}
         enabled = parts.get("sv", {}).get("enabled", "")
         defense_seconds = [p["seconds_this_session"] for p in parts.values() if "seconds_this_session" in p]
@@ -220,13 +227,15 @@ def main() -> None:
         lines.append(
             f"| {name} | {record['metrics']['acc']:.1%} | {record['metrics']['asr']:.1%} | "
             + (f"{without:.1%}" if without is not None else "") + f" | {enabled} | "
-            + (f"{student_speed:.0f} ({student_speed / bare:.2f}×)" if student_speed else "") + " | "
+            + (f"{student_speed:.0f}" if student_speed else "")
+            + (f" ({student_speed / bare:.2f}×)" if student_speed and bare else "") + " | "
             + (f"{throughput['synthesis_images_per_s']:.0f}" if throughput.get("synthesis_images_per_s") else "")
+            + " | " + (f"{bare:.0f}" if bare else "")
             + f" | {record.get('wall_seconds_this_session', 0):.0f} | "
             + (f"{sum(defense_seconds):.0f}" if defense_seconds else "") + " |")
     # a custom --out is a variant: its table must not replace the scale's standard one
     name = f"backdoor_transfer_{args.scale}" + variant_suffix(args.out, None)
-    write_results(name, {"teacher": args.teacher, "bare_images_per_s": bare, "runs": rows}, "\n".join(lines))
+    write_results(name, {"teacher": args.teacher, "runs": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

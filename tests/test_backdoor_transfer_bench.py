@@ -49,6 +49,8 @@ def test_tiny_transfer_table_students_and_reuse(transfer, import_benchmark, monk
     data = json.loads((tmp_path / "results" / "backdoor_transfer_tiny_bench.json").read_text())
     assert data["runs"]["zskt-abd"]["defense"]["name"] == "abd"
     assert [row["iteration"] for row in data["runs"]["zskt-none"]["history"]] == [2, 4]
+    assert all(run["bare_loop_images_per_s"] > 0 for run in data["runs"].values())
+    assert "×)" in next(line for line in table.splitlines() if line.startswith("| zskt-none"))
 
     capsys.readouterr()
     assert _kdbackdoor(monkeypatch, "evaluate", "--model", out / "zskt-none") == 0  # no --dataset needed
