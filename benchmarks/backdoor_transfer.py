@@ -158,8 +158,9 @@ def main() -> None:
         """What a run made now records beside its own record: the teacher's data set (so `kdbackdoor
         evaluate --model STUDENT` needs no --dataset) and the bare loop's speed timed just before it in
         the same process and load, the floor its throughput is a ratio of."""
-        return {"dataset": {"spec": spec, "data_dir": data_dir, "resize": resize},
+        return {"dataset": dataset,
                 "bare_loop_images_per_s": bare_loop_images_per_s(teacher, student_arch, test.image_shape, 64, device)}
+
     out = args.out or Path("runs") / f"bench-transfer-{Path(args.teacher).name}"
     rows: dict[str, dict] = {}
 

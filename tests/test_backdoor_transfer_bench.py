@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+
 import pytest
 
 from kdbackdoor.cli import main

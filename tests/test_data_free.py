@@ -205,6 +205,7 @@ def test_data_free_cli_run(monkeypatch, capsys, tmp_path):
     assert record["method"] == "zskt" and record["config"]["iterations"] == 3
     assert record["config"]["generator_output"] == "batchnorm"
     assert record["dataset"]["spec"] == "digits" and record["test"]["size"] == 359
+    assert record["defense"] == {"name": "none"} and "defense" not in out  # no line for an undefended run
     code, out, err = run(monkeypatch, capsys, "distill", "--teacher", tmp_path / "t", "--method", "cmi",
                          "--iterations", "1", "--synthesis-steps", "2", "--synthesis-batch-size", "8",
                          "--batch-size", "8", "--student-steps", "1", "--save-samples", "--out", tmp_path / "c",

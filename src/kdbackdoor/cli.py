@@ -13,6 +13,7 @@ from rich.table import Table
 from kdbackdoor.attacks.engines import describe_engines
 from kdbackdoor.attacks.teacher_poisoning import RATE_HELP
 from kdbackdoor.distill.data_free import METHODS as DATA_FREE_METHODS
+from kdbackdoor.distill.dataset_kd import defense_parts
 from kdbackdoor.errors import KDBackdoorError
 
 app = typer.Typer(
@@ -1115,7 +1116,7 @@ def _run_summary(record: dict, student: bool = True) -> str:
             text += f" (trigger false-positive rate on non-source classes {sensitivity['false_positive_rate']:.2%})"
         return text
     lines = [line("student", record["metrics"])] if student else []
-    if student and (record.get("defense") or {}).get("name", "none") != "none":  # data-free runs record "none"
+    if student and defense_parts(record.get("defense")):
         lines.append(_defense_line(record))
     if record.get("baseline"):
         lines.append(line("baseline student (same data, no poisons)", record["baseline"]["metrics"]))
@@ -1132,7 +1133,6 @@ def _run_summary(record: dict, student: bool = True) -> str:
 
 def _defense_line(record: dict) -> str:
     """What each part of the run's defense did and how long its own work took (its overhead)."""
-    from kdbackdoor.distill.dataset_kd import defense_parts
     defense = record["defense"]
     bits = []
     for part in defense_parts(defense):

@@ -210,8 +210,8 @@ def combined_record(parts: list[dict]) -> dict | None:
 
 def defense_parts(defense: dict | None) -> list[dict]:
     """The records of a run record's ``defense`` one by one: its ``parts``, itself when it is one
-    defense, none when there is none."""
-    if not defense:
+    defense, none when there is none (no entry, or data-free KD's ``{"name": "none"}``)."""
+    if not defense or defense.get("name") == "none":
         return []
     return defense.get("parts", [defense])
 
