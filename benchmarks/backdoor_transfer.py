@@ -104,6 +104,10 @@ def run(folder: Path, make) -> dict:
         return finished(folder) or make()
 
 
+def report(name: str, record: dict) -> None:
+    print(name, record["metrics"].get("acc"), record["metrics"].get("asr"), flush=True)
+
+
 def bare_loop_images_per_s(teacher, student_arch: str, image_shape, batch_size: int, device, steps: int = 20) -> float:
     """Teacher forward + student forward/backward + SGD step on one pre-made batch: the floor."""
     student = channels_last(build_model(student_arch, num_classes=teacher.num_classes, in_channels=image_shape[0],
@@ -162,7 +166,6 @@ def main() -> None:
                 "bare_loop_images_per_s": bare_loop_images_per_s(teacher, student_arch, test.image_shape, 64, device)}
 
     out = args.out or Path("runs") / f"bench-transfer-{Path(args.teacher).name}"
-    rows: dict[str, dict] = {}
 
     chosen = args.methods or [*scale["methods"], "ood"]
     if set(chosen) - {*scale["methods"], "ood"}:
@@ -175,8 +178,6 @@ def main() -> None:
         for defense_name in DATA_FREE_DEFENSES:
             name = f"{method}-{defense_name}"
             if not (method in chosen and defense_name in args.defenses):
-                if record := finished(out / name):  # finished by an earlier call: keep its row
-                    rows[name] = record
                 continue
             config = DataFreeConfig(method=method, seed=args.seed, **scale["methods"][method])
 
@@ -185,29 +186,39 @@ def main() -> None:
                 return distill_data_free(teacher, test, student_arch, config, folder, device=device,
                                          backdoor=backdoor, defense=defense, resume=True, progress=False,
                                          metadata=metadata())[1]
-            rows[name] = run(out / name, make)
-            print(name, rows[name]["metrics"].get("acc"), rows[name]["metrics"].get("asr"), flush=True)
+            report(name, run(out / name, make))
 
     train_config = TrainConfig(epochs=scale["epochs"], batch_size=128, lr=0.05, crop_padding=0, hflip=False,
                                eval_every=0, seed=args.seed)
     kl_only = KDConfig(kd_lambda=1.0, temperature=4.0)
-    rows["clean-data-kd"] = run(out / "clean-data-kd", lambda: distill(
+    run(out / "clean-data-kd", lambda: distill(
         teacher, train, test, student_arch, train_config, kl_only, out / "clean-data-kd", device=device,
         backdoor=backdoor, resume=True, progress=False, metadata=metadata())[1])
     ood = load_dataset(args.ood_data, "train", resize=test.image_shape[-1]) if args.ood_data else None
     for defense_name in DATA_FREE_DEFENSES:  # OOD KD: the vaccine filters the transfer set, SR is a step hook
         name = f"ood-{defense_name}"
         if ood is None or "ood" not in chosen or defense_name not in args.defenses:
-            if record := finished(out / name):
-                rows[name] = record
             continue
         uses_vaccine, uses_retrospection = abd_halves(defense_name)
-        rows[name] = run(out / name, lambda name=name, v=uses_vaccine, r=uses_retrospection: distill(
+        report(name, run(out / name, lambda name=name, v=uses_vaccine, r=uses_retrospection: distill(
             teacher, ood, test, student_arch, train_config, kl_only, out / name, device=device, backdoor=backdoor,
             resume=True, progress=False, vaccine=vaccine if v else None, retrospection=retrospection if r else None,
-            metadata=metadata())[1])
-        print(name, rows[name]["metrics"].get("acc"), rows[name]["metrics"].get("asr"), flush=True)
+            metadata=metadata())[1]))
 
+    # The table lists every finished run in --out, read when it is written: a call that shares --out
+    # with this one and finished while this one ran has its row in it, whichever call writes last.
+    names = [f"{method}-{defense}" for method in scale["methods"] for defense in DATA_FREE_DEFENSES]
+    names += ["clean-data-kd", *(f"ood-{defense}" for defense in DATA_FREE_DEFENSES)]
+    with open(out / ".table.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        write_table(args, scale, test, backdoor, {name: record for name in names
+                                                    if (record := finished(out / name))})
+
+
+def write_table(args: argparse.Namespace, scale: dict, test, backdoor: Backdoor,
+                rows: dict[str, dict]) -> None:
+    """Write the results table (markdown and JSON) of the finished ``rows``, in ABD's layout."""
+    student_arch = scale["student"]
     teacher_metrics = rows["clean-data-kd"]["teacher_metrics"]
     lines = [f"Backdoor transfer, scale `{args.scale}`, teacher `{args.teacher}` "
              f"({backdoor.trigger.name}, target {backdoor.target}), student `{student_arch}`, test set "

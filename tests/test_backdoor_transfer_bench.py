@@ -5,6 +5,7 @@ without naming their data set, and a second call reuses finished runs instead of
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -65,3 +66,30 @@ def test_tiny_transfer_table_students_and_reuse(transfer, import_benchmark, monk
     _benchmark(monkeypatch, transfer, *args)
     again = json.loads((tmp_path / "results" / "backdoor_transfer_tiny_bench.json").read_text())
     assert again["runs"]["zskt-none"]["metrics"] == data["runs"]["zskt-none"]["metrics"]
+
+
+def test_table_has_rows_that_another_call_finished_meanwhile(transfer, import_benchmark, monkeypatch, tmp_path):
+    """Calls side by side share --out; whichever writes the table last lists every finished run,
+    including those another call finished after this one started (a missing row, session 14)."""
+    common = import_benchmark("common")
+    monkeypatch.setitem(transfer.SCALES, "tiny", TINY)
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    teacher = tmp_path / "teacher"
+    assert _kdbackdoor(monkeypatch, "train-teacher", "--dataset", "digits", "--arch", "small-cnn", "--out", teacher,
+                       "--backdoor", "badnets-grid", "--target", "1", "--epochs", "1", "--crop-padding", "0",
+                       "--no-hflip", "--eval-every", "0", "--no-progress") == 0
+    _benchmark(monkeypatch, transfer, "--teacher", teacher, "--scale", "tiny", "--methods", "zskt", "--defenses",
+               "sr", "--out", tmp_path / "other")
+
+    shared = tmp_path / "shared"
+    real_distill = transfer.distill
+
+    def other_call_finishes(*args, **kwargs):  # while this call makes clean-data KD, another finishes zskt-sr
+        shutil.copytree(tmp_path / "other" / "zskt-sr", shared / "zskt-sr")
+        return real_distill(*args, **kwargs)
+    monkeypatch.setattr(transfer, "distill", other_call_finishes)
+    _benchmark(monkeypatch, transfer, "--teacher", teacher, "--scale", "tiny", "--methods", "zskt", "--defenses",
+               "none", "--out", shared)
+    table = (tmp_path / "results" / "backdoor_transfer_tiny_shared.md").read_text()
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "%" in line]
+    assert rows == ["zskt-none", "zskt-sr", "clean-data-kd"]
