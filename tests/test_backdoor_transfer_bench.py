@@ -21,6 +21,17 @@ def transfer(import_benchmark):
     return import_benchmark("backdoor_transfer")
 
 
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A digits small-cnn teacher with a badnets-grid backdoor (target 1), trained for one epoch."""
+    folder = tmp_path_factory.mktemp("transfer") / "teacher"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert _kdbackdoor(monkeypatch, "train-teacher", "--dataset", "digits", "--arch", "small-cnn", "--out", folder,
+                           "--backdoor", "badnets-grid", "--target", "1", "--poison-rate", "0.1", "--epochs", "1",
+                           "--crop-padding", "0", "--no-hflip", "--eval-every", "0", "--no-progress") == 0
+    return folder
+
+
 def _kdbackdoor(monkeypatch, *args) -> int:
     monkeypatch.setattr(sys, "argv", ["kdbackdoor", *map(str, args)])
     with pytest.raises(SystemExit) as exit_info:
@@ -33,14 +44,10 @@ def _benchmark(monkeypatch, transfer, *args) -> None:
     transfer.main()
 
 
-def test_tiny_transfer_table_students_and_reuse(transfer, import_benchmark, monkeypatch, capsys, tmp_path):
+def test_tiny_transfer_table_students_and_reuse(transfer, teacher, import_benchmark, monkeypatch, capsys, tmp_path):
     common = import_benchmark("common")
     monkeypatch.setitem(transfer.SCALES, "tiny", TINY)
     monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
-    teacher = tmp_path / "teacher"
-    assert _kdbackdoor(monkeypatch, "train-teacher", "--dataset", "digits", "--arch", "small-cnn", "--out", teacher,
-                       "--backdoor", "badnets-grid", "--target", "1", "--poison-rate", "0.1", "--epochs", "1",
-                       "--crop-padding", "0", "--no-hflip", "--eval-every", "0", "--no-progress") == 0
     out = tmp_path / "bench"
     args = ["--teacher", teacher, "--scale", "tiny", "--methods", "zskt", "--defenses", "none", "abd", "--out", out]
     _benchmark(monkeypatch, transfer, *args)
@@ -68,16 +75,12 @@ def test_tiny_transfer_table_students_and_reuse(transfer, import_benchmark, monk
     assert again["runs"]["zskt-none"]["metrics"] == data["runs"]["zskt-none"]["metrics"]
 
 
-def test_table_has_rows_that_another_call_finished_meanwhile(transfer, import_benchmark, monkeypatch, tmp_path):
+def test_table_has_rows_that_another_call_finished_meanwhile(transfer, teacher, import_benchmark, monkeypatch, tmp_path):
     """Calls side by side share --out; whichever writes the table last lists every finished run,
     including those another call finished after this one started (a missing row, session 14)."""
     common = import_benchmark("common")
     monkeypatch.setitem(transfer.SCALES, "tiny", TINY)
     monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
-    teacher = tmp_path / "teacher"
-    assert _kdbackdoor(monkeypatch, "train-teacher", "--dataset", "digits", "--arch", "small-cnn", "--out", teacher,
-                       "--backdoor", "badnets-grid", "--target", "1", "--epochs", "1", "--crop-padding", "0",
-                       "--no-hflip", "--eval-every", "0", "--no-progress") == 0
     _benchmark(monkeypatch, transfer, "--teacher", teacher, "--scale", "tiny", "--methods", "zskt", "--defenses",
                "sr", "--out", tmp_path / "other")
 
