@@ -223,7 +223,8 @@ def write_table(args: argparse.Namespace, scale: dict, test, backdoor: Backdoor,
     lines = [f"Backdoor transfer, scale `{args.scale}`, teacher `{args.teacher}` "
              f"({backdoor.trigger.name}, target {backdoor.target}), student `{student_arch}`, test set "
              f"{test.name} ({len(test)} images). Bare: a teacher-forward + student-step loop timed in the "
-             "run's own process just before it (runs made before session 14 did not time one).", "",
+             "run's own process just before it (runs made before session 14 did not time one). Speeds, wall and "
+             "defense seconds are of the run's last session: a resumed run says from which iteration.", "",
              f"Teacher: ACC {teacher_metrics['acc']:.1%}, ASR {teacher_metrics['asr']:.1%}.", "",
              "| run | student ACC | student ASR | target without trigger | SV enabled | student img/s (× bare) "
              "| synthesis img/s | bare img/s | wall s | defense s |",
@@ -243,7 +244,9 @@ def write_table(args: argparse.Namespace, scale: dict, test, backdoor: Backdoor,
             + (f" ({student_speed / bare:.2f}×)" if student_speed and bare else "") + " | "
             + (f"{throughput['synthesis_images_per_s']:.0f}" if throughput.get("synthesis_images_per_s") else "")
             + " | " + (f"{bare:.0f}" if bare else "")
-            + f" | {record.get('wall_seconds_this_session', 0):.0f} | "
+            + f" | {record.get('wall_seconds_this_session', 0):.0f}"
+            + (f" (from it. {record['resumed_from_iteration']})" if record.get("resumed_from_iteration") else "")
+            + " | "
             + (f"{sum(defense_seconds):.0f}" if defense_seconds else "") + " |")
     # a custom --out is a variant: its table must not replace the scale's standard one
     name = f"backdoor_transfer_{args.scale}" + variant_suffix(args.out, None)

@@ -235,12 +235,17 @@ def test_cli_defenses_for_data_free_distillation(monkeypatch, capsys, tmp_path):
     assert code == 0, err
     base = ["distill", "--teacher", tmp_path / "t", "--iterations", "2", "--batch-size", "8", "--student-steps", "1",
             "--no-progress"]
-    code, _, err = run(monkeypatch, capsys, *base, "--method", "dfad", "--defense", "abd", "--sr-rounds", "2",
-                       "--no-sv-tail-test", "--out", tmp_path / "abd")
+    abd = [*base, "--method", "dfad", "--defense", "abd", "--sr-rounds", "2", "--no-sv-tail-test", "--out",
+           tmp_path / "abd"]
+    code, out, err = run(monkeypatch, capsys, *abd)
     assert code == 0, err
     record = json.loads((tmp_path / "abd" / "metrics.json").read_text())
     assert [part["name"] for part in record["defense"]["parts"]] == ["sv", "sr"]
     assert record["defense"]["parts"][1]["config"]["rounds"] == 2
+    assert "s this session)" in out
+    code, out, err = run(monkeypatch, capsys, *abd, "--resume")  # a resumed run's times are only its last part's
+    assert code == 0, err
+    assert "s this session, from iteration 2)" in " ".join(out.split())  # rich wraps long lines
     code, _, err = run(monkeypatch, capsys, *base, "--method", "dataset", "--defense", "sr", "--out", tmp_path / "x")
     assert code == 2 and "--defense sr works with --method" in err
     code, _, err = run(monkeypatch, capsys, *base, "--method", "zskt", "--defense", "sv", "--sv-copies", "0",

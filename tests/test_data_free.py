@@ -168,8 +168,9 @@ def test_interrupted_run_resumes_to_the_same_student(method, digits, digits_teac
     _, test = digits
     steps = {"zskt": 1, "dfad": 1, "deepinversion": 3, "cmi": 3}[method]
     config = DataFreeConfig(method=method, synthesis_steps=steps, **TINY)
-    full, _ = distill_data_free(digits_teacher, test, "small-cnn", config, tmp_path / "full", device=CPU,
-                                progress=False, evaluate_teacher=False)
+    full, full_record = distill_data_free(digits_teacher, test, "small-cnn", config, tmp_path / "full", device=CPU,
+                                          progress=False, evaluate_teacher=False)
+    assert full_record["resumed_from_iteration"] == 0
     original = data_free._Run.iteration
     calls = {"n": 0}
 
@@ -186,8 +187,9 @@ def test_interrupted_run_resumes_to_the_same_student(method, digits, digits_teac
     monkeypatch.undo()
     with pytest.raises(KDBackdoorError, match="--resume"):
         distill_data_free(digits_teacher, test, "small-cnn", config, tmp_path / "cut", device=CPU, progress=False)
-    resumed, _ = distill_data_free(digits_teacher, test, "small-cnn", config, tmp_path / "cut", device=CPU,
-                                   progress=False, evaluate_teacher=False, resume=True)
+    resumed, record = distill_data_free(digits_teacher, test, "small-cnn", config, tmp_path / "cut", device=CPU,
+                                        progress=False, evaluate_teacher=False, resume=True)
+    assert record["resumed_from_iteration"] == 4  # the crash came in the fifth iteration; checkpoints every 2
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
 

@@ -1145,7 +1145,9 @@ def _defense_line(record: dict) -> str:
             text += f", {part['seconds_this_session']:.1f} s"
         bits.append(text)
     wall = record.get("wall_seconds_this_session")
-    return f"defense {defense['name']}: " + "; ".join(bits) + (f" (run: {wall:.1f} s this session)" if wall else "")
+    resumed = f", from iteration {record['resumed_from_iteration']}" if record.get("resumed_from_iteration") else ""
+    return f"defense {defense['name']}: " + "; ".join(bits) + (f" (run: {wall:.1f} s this session{resumed})"
+                                                               if wall else "")
 
 
 def _trigger(spec: str, image_shape: tuple[int, int, int], seed: int):

@@ -145,7 +145,8 @@ def distill_data_free(
 
     Images have the teacher's channels and input size. Writes ``model.safetensors`` (+
     ``model.json``), ``metrics.json`` (student metrics on ``test`` as in dataset KD, history,
-    config, defense record, throughput; every ``eval_every`` iterations test ACC and, with a
+    config, defense record, throughput and wall time of this session (from ``resumed_from_iteration``,
+    0 unless resumed); every ``eval_every`` iterations test ACC and, with a
     backdoor, its ASR), the generator for zskt/dfad
     (``generator/generator.safetensors``) and with ``save_samples`` a PNG of the last
     synthetic images. The teacher is frozen. Returns (student, record).
@@ -198,7 +199,7 @@ def distill_data_free(
         "method": config.method, "student_arch": student_arch, "config": config.model_dump(),
         "test": {"name": test.name, "size": len(test)}, "backdoor": backdoor_record(backdoor),
         "defense": defense.record(), "metrics": metrics or student_metrics(student, test, backdoor, device),
-        "history": history, "throughput": run.throughput(),
+        "history": history, "throughput": run.throughput(), "resumed_from_iteration": start,
         "wall_seconds_this_session": time.perf_counter() - started, "device": str(device), **(metadata or {}),
     }
     if evaluate_teacher:
