@@ -82,12 +82,13 @@ def temporaries(folder: Path) -> list[Path]:
     return sorted(folder.rglob(TEMPORARY_GLOB))
 
 
-VARYING_KEYS = ("seconds", "images_per_s", "throughput", "wall_seconds_this_session", "created", "files", "path")
+VARYING_KEYS = ("seconds", "images_per_s", "throughput", "wall_seconds_this_session", "resumed_from_iteration",
+                "created", "files", "path")
 
 
 def comparable(record: dict) -> dict:
     """A run record without what legitimately differs between two runs of the same seed:
-    timings, creation times, and paths that depend on the output folder."""
+    timings, creation times, where a run was resumed, and paths that depend on the output folder."""
     def strip(value):
         if isinstance(value, dict):
             return {k: strip(v) for k, v in value.items() if k not in VARYING_KEYS}

@@ -175,6 +175,8 @@ def test_data_free_distillation_killed_then_resumed_equals_uninterrupted(referen
     assert temporaries(out) == []
     got, want = (json.loads((d / "metrics.json").read_text()) for d in (out, full))
     assert comparable(got) == comparable(want)
+    assert want["resumed_from_iteration"] == 0 and got["resumed_from_iteration"] % 3 == 0  # a checkpoint
+    assert 0 <= got["resumed_from_iteration"] < 24
     record_outcome(GROUP, "SIGKILL during data-free KD (dfad), then --resume", "1 kill at a seeded random point")
 
 
