@@ -12,7 +12,6 @@ import io
 import os
 import subprocess
 import sys
-import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -63,18 +62,6 @@ def cli_process(*args, env: dict | None = None) -> subprocess.Popen:
     full_env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})}
     return subprocess.Popen([sys.executable, "-c", "from kdbackdoor.cli import main; main()", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
-
-
-def wait_for(condition, timeout: float, process: subprocess.Popen | None = None, what: str = "") -> None:
-    """Poll ``condition()`` every 20 ms until it holds; fail on timeout or if ``process`` ended."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"process ended (code {process.returncode}) before {what}: "
-                                 f"{process.stderr.read() if process.stderr else ''}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def temporaries(folder: Path) -> list[Path]:

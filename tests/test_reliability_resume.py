@@ -1,4 +1,5 @@
-"""SIGKILL at a seeded random point of each long command, then ``--resume``: the finished run
+"""SIGKILL at a seeded random named point of each long command (a process stops itself there,
+see ``kdbackdoor.stop_points``), then ``--resume``: the finished run
 equals an uninterrupted one with the same seed (CPU), no file is half-written at any time,
 and ``kdbackdoor verify`` accepts the result.
 
@@ -10,22 +11,20 @@ depend on it). Two processes with the same seed giving the same numbers is there
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import time
 import zipfile
 
 import numpy as np
 import pytest
 import torch
 
+from kdbackdoor import stop_points
 from kdbackdoor.models import load_checkpoint
-from reliability_support import (FAST_TRAINING, cli_process, comparable, record_outcome, run_cli, temporaries,
-                                 wait_for)
+from reliability_support import FAST_TRAINING, cli_process, comparable, record_outcome, run_cli, temporaries
 
 GROUP = "crash (SIGKILL) and resume"
-STARTUP = 900  # seconds a process may take to reach its first checkpoint (a shared 2-core machine is slow)
+STARTUP = 900  # seconds a killed process may take to reach its stop point (a shared 2-core machine is slow)
 
 
 def teacher_args(out):
@@ -66,23 +65,16 @@ def reference(tmp_path_factory):
     return runs
 
 
-def kill_at_random_point(args, state_file, rng, env, delay=(0.0, 0.4)):
-    """Start ``args`` as a process, wait until it saves a resumable state (a new one, if an earlier
-    run left one), sleep a seeded random delay, SIGKILL it; fail if it had already finished (the
-    kill would then test nothing)."""
-    before = state_file.stat().st_mtime_ns if state_file.exists() else -1
-    process = cli_process(*args, env=env)
-    try:
-        wait_for(lambda: state_file.exists() and state_file.stat().st_mtime_ns > before, STARTUP, process,
-                 f"a new {state_file.name}")
-        time.sleep(rng.uniform(*delay))
-        assert process.poll() is None, "the run finished before the kill; make it longer"
-        os.kill(process.pid, signal.SIGKILL)
-        assert process.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate()
+def kill_at(args, point: str, env) -> None:
+    """Run ``args`` as a process that SIGKILLs itself at stop point ``point`` ("name:N", see
+    ``kdbackdoor.stop_points``); fail unless it died there (a run that finished tests nothing)."""
+    process = cli_process(*args, env={**env, stop_points.ENV: point})
+    _, err = process.communicate(timeout=STARTUP)
+    assert process.returncode == -signal.SIGKILL, f"the run was not killed at {point}: {err}"
+
+
+def saved_epoch(out) -> int:
+    return torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)["epoch"]
 
 
 def assert_every_file_loads(folder):
@@ -120,22 +112,29 @@ def finish_and_compare(args, out, reference_dir, record_name="metrics.json"):
 def test_train_teacher_killed_twice_then_resumed_equals_uninterrupted(reference, tmp_path, env):
     rng = random.Random(11)
     out = tmp_path / "teacher"
-    for kill in range(2):
-        kill_at_random_point(teacher_args(out) + (["--resume"] if kill else []), out / "train_state.pt", rng, env)
-        assert not (out / "metrics.json").exists()
-        assert_every_file_loads(out)
+    # 23 steps an epoch, 6 epochs: the first kill lands in epoch 2 or 3, the second one (counted
+    # from where the resumed process starts) one to two epochs later, both mid-epoch
+    kill_at(teacher_args(out), f"train-step:{rng.randint(30, 68)}", env)
+    first = saved_epoch(out)
+    assert 1 <= first <= 2 and not (out / "metrics.json").exists()
+    assert_every_file_loads(out)
+    kill_at(teacher_args(out) + ["--resume"], f"train-step:{rng.randint(30, 45)}", env)
+    assert first < saved_epoch(out) < 6 and not (out / "metrics.json").exists()  # the resumed run progressed
+    assert_every_file_loads(out)
     got, want = finish_and_compare(teacher_args(out), out, reference["teacher"])
     assert got["files"]["model.safetensors"] == want["files"]["model.safetensors"]  # identical weights, bit for bit
     assert got["environment"]["seed"] == 3 and got["environment"]["versions"]["torch"] == torch.__version__
-    record_outcome(GROUP, "SIGKILL during teacher training, then --resume", "2 kills at seeded random points",
+    record_outcome(GROUP, "SIGKILL during teacher training, then --resume", "2 kills at seeded random training steps",
                    count=2)
 
 
 def test_poison_crafting_killed_then_resumed_gives_the_identical_set(reference, tmp_path, env):
     rng = random.Random(12)
     out = tmp_path / "poisons"
-    kill_at_random_point(craft_args(reference["teacher"], out), out / "craft_state.pt", rng, env, delay=(0.0, 0.3))
-    assert not (out / "manifest.json").exists()
+    # the k-th atomic write of crafting saves its state: killed there, a complete temporary is left unrenamed
+    kill_at(craft_args(reference["teacher"], out), f"atomic-write:{rng.randint(3, 8)}", env)
+    assert (out / "craft_state.pt").exists() and not (out / "manifest.json").exists()
+    assert len(temporaries(out)) == 1
     assert_every_file_loads(out)
     code, _, err = run_cli(*craft_args(reference["teacher"], out))
     assert code == 2 and "--resume" in err  # an interrupted run is never silently overwritten
@@ -145,21 +144,21 @@ def test_poison_crafting_killed_then_resumed_gives_the_identical_set(reference, 
     with np.load(out / "poisoned.npz") as a, np.load(reference["poisons"] / "poisoned.npz") as b:
         assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
     assert got["counts"]["kept"] > 0
-    record_outcome(GROUP, "SIGKILL during poison crafting, then --resume", "1 kill at a seeded random point")
+    record_outcome(GROUP, "SIGKILL during poison crafting, then --resume", "1 kill inside a seeded random state write")
 
 
 def test_dataset_distillation_killed_then_resumed_equals_uninterrupted(reference, tmp_path, env):
     rng = random.Random(13)
     out = tmp_path / "student"
     args = distill_args(reference["teacher"], reference["poisons"], out)
-    kill_at_random_point(args, out / "train_state.pt", rng, env)
+    kill_at(args, f"train-step:{rng.randint(10, 60)}", env)  # of 64: in the student's or the baseline's training
     assert not (out / "metrics.json").exists()
     assert_every_file_loads(out)
     got, want = finish_and_compare(args, out, reference["student"])
     assert got["files"]["model.safetensors"] == want["files"]["model.safetensors"]
     assert got["baseline"]["metrics"] == want["baseline"]["metrics"]
     record_outcome(GROUP, "SIGKILL during dataset KD (student and baseline), then --resume",
-                   "1 kill at a seeded random point")
+                   "1 kill at a seeded random training step")
 
 
 def test_data_free_distillation_killed_then_resumed_equals_uninterrupted(reference, tmp_path, env):
@@ -167,7 +166,8 @@ def test_data_free_distillation_killed_then_resumed_equals_uninterrupted(referen
     out, full = tmp_path / "dfad", tmp_path / "dfad-reference"
     code, _, err = run_cli(*dfad_args(reference["teacher"], full))
     assert code == 0, err
-    kill_at_random_point(dfad_args(reference["teacher"], out), out / "train_state.pt", rng, env)
+    killed_in = rng.randint(4, 23)  # before iteration killed_in's checkpoint, if it has one
+    kill_at(dfad_args(reference["teacher"], out), f"data-free-iteration:{killed_in}", env)
     assert not (out / "metrics.json").exists()
     assert_every_file_loads(out)
     code, _, err = run_cli(*dfad_args(reference["teacher"], out), "--resume")
@@ -175,9 +175,10 @@ def test_data_free_distillation_killed_then_resumed_equals_uninterrupted(referen
     assert temporaries(out) == []
     got, want = (json.loads((d / "metrics.json").read_text()) for d in (out, full))
     assert comparable(got) == comparable(want)
-    assert want["resumed_from_iteration"] == 0 and got["resumed_from_iteration"] % 3 == 0  # a checkpoint
-    assert 0 <= got["resumed_from_iteration"] < 24
-    record_outcome(GROUP, "SIGKILL during data-free KD (dfad), then --resume", "1 kill at a seeded random point")
+    assert want["resumed_from_iteration"] == 0
+    assert got["resumed_from_iteration"] == 3 * ((killed_in - 1) // 3)  # the last checkpoint before the kill
+    record_outcome(GROUP, "SIGKILL during data-free KD (dfad), then --resume",
+                   "1 kill at a seeded random iteration")
 
 
 @pytest.mark.parametrize("command", ["train-teacher", "distill"])

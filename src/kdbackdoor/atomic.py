@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from kdbackdoor import stop_points
+
 
 TEMPORARY_GLOB = ".*.tmp"
 """What ``atomic_path``'s temporary names look like: ``.<name>.<random>.tmp``."""
@@ -39,6 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # Flush the data before the rename, so a power loss cannot leave the new name empty.
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
+        stop_points.reached("atomic-write")
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -23,6 +23,7 @@ from kdbackdoor.data.augment import augment
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.evaluate import accuracy, attack_success_rate
+from kdbackdoor import stop_points
 from kdbackdoor.runtime import Seed, autocast, channels_last, cpu_generator
 
 STATE_FILE = "train_state.pt"
@@ -213,6 +214,7 @@ def fit(
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
                 bar.advance(task)
+                stop_points.reached("train-step")
                 if step % 25 == 0:  # reading the loss syncs the device: not every step
                     bar.update(task, status=f"epoch {epoch + 1}/{config.epochs} loss {float(loss.detach()):.3f}")
             if not torch.isfinite(loss_sum):
@@ -232,6 +234,7 @@ def fit(
             history.append(row)
             bar.update(task, status=_status(row))
             _save_state(state_path, epoch + 1, model, optimizer, scheduler, generator, history, step_hook)
+            stop_points.reached("train-state-saved")
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, row)
     model.eval()

@@ -32,6 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from kdbackdoor import stop_points
 from kdbackdoor.atomic import atomic_path
 from kdbackdoor.attacks.engines import EARLY_EXIT_ENGINES, Engine
 from kdbackdoor.attacks.injection import InjectionMode, inject_poisons, poison_count
@@ -131,6 +132,7 @@ def craft_poisoned_set(
             state.images = torch.cat([state.images, images])
             state.crafted = torch.cat([state.crafted, crafted])
             state.verified = torch.cat([state.verified, verified])
+            stop_points.reached("craft-batch")
             if state_path is not None:
                 state.save(state_path, fingerprint, generator)
             bar.update(task, completed=len(state.rows),

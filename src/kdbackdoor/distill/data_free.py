@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from kdbackdoor import stop_points
 from kdbackdoor.atomic import atomic_path, write_json
 from kdbackdoor.data.augment import augment
 from kdbackdoor.data.dataset import ImageDataset
@@ -180,6 +181,7 @@ def distill_data_free(
         task = bar.add_task("distill", total=config.iterations, completed=start, status="")
         for iteration in range(start, config.iterations):
             loss_synthesis, loss_student = run.iteration(iteration)
+            stop_points.reached("data-free-iteration")
             done = iteration + 1
             last = done == config.iterations
             if last or (config.eval_every and done % config.eval_every == 0):

@@ -39,6 +39,7 @@ from typing import Any, Callable, Literal, Optional, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from kdbackdoor import stop_points
 from kdbackdoor.atomic import write_json
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.experiment.config import (ExperimentConfig, apply_overrides, describe_errors, parse_overrides,
@@ -202,6 +203,7 @@ def run_sweep(
     def finished(job: _Job, error: str | None) -> None:
         run_id = job.run_id
         if error is None:
+            stop_points.reached("sweep-run-finished")
             update_index(results, [record_row(read_record(results / RUNS_DIR / run_id), f"{RUNS_DIR}/{run_id}")])
             outcome.completed.append(run_id)
             event("done", run_id, "")
