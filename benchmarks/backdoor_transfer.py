@@ -40,6 +40,7 @@ from kdbackdoor.distill.data_free import DataFreeConfig, distill_data_free
 from kdbackdoor.distill.dataset_kd import Backdoor, defense_parts, distill
 from kdbackdoor.distill.losses import KDConfig
 from kdbackdoor.models import build_model, load_checkpoint
+from kdbackdoor.run_record import read_run_record
 from kdbackdoor.runtime import channels_last, select_device
 from kdbackdoor.training import TrainConfig
 from kdbackdoor.triggers import build_trigger
@@ -72,7 +73,7 @@ SCALES = {
         "methods": {"zskt": dict(iterations=400, batch_size=64, student_steps=5)},
     },
     # Five times cifar-short's ZSKT iterations, clean-data KD three epochs: about an hour per run on
-    # session 9's faster 2-core CPU, one thread each.
+    # the 2026-11-22 faster 2-core CPU, one thread each.
     "cifar-hour": {
         "student": "wrn-16-1", "test_every": 10, "epochs": 3, "sr_start": 0.9,
         "methods": {"zskt": dict(iterations=2000, batch_size=64, student_steps=5, eval_every=250),
@@ -92,7 +93,7 @@ def teacher_backdoor(sidecar: dict) -> Backdoor:
 def finished(folder: Path) -> dict | None:
     """A finished run's record, or None."""
     record_path = folder / "metrics.json"
-    return json.loads(record_path.read_text()) if record_path.exists() else None
+    return read_run_record(record_path) if record_path.exists() else None
 
 
 def run(folder: Path, make) -> dict:
@@ -223,8 +224,8 @@ def write_table(args: argparse.Namespace, scale: dict, test, backdoor: Backdoor,
     lines = [f"Backdoor transfer, scale `{args.scale}`, teacher `{args.teacher}` "
              f"({backdoor.trigger.name}, target {backdoor.target}), student `{student_arch}`, test set "
              f"{test.name} ({len(test)} images). Bare: a teacher-forward + student-step loop timed in the "
-             "run's own process just before it (runs made before session 14 did not time one). Speeds, wall and "
-             "defense seconds are of the run's last session: a resumed run says from which iteration.", "",
+             "run's own process just before it (runs made before 2026-11-23 did not time one). Speeds, wall and "
+             "defense seconds are of the run's last process: a resumed run says from which iteration.", "",
              f"Teacher: ACC {teacher_metrics['acc']:.1%}, ASR {teacher_metrics['asr']:.1%}.", "",
              "| run | student ACC | student ASR | target without trigger | SV enabled | student img/s (× bare) "
              "| synthesis img/s | bare img/s | wall s | defense s |",
@@ -235,8 +236,8 @@ def write_table(args: argparse.Namespace, scale: dict, test, backdoor: Backdoor,
         bare = record.get("bare_loop_images_per_s")
         parts = {p["name"]: p for p in defense_parts(record.get("defense"))}
         enabled = parts.get("sv", {}).get("enabled", "")
-        defense_seconds = [p["seconds_this_session"] for p in parts.values() if "seconds_this_session" in p]
-        without = record["metrics"].get("target_without_trigger")  # runs before session 13 lack it
+        defense_seconds = [p["seconds_this_run"] for p in parts.values() if "seconds_this_run" in p]
+        without = record["metrics"].get("target_without_trigger")  # runs before 2026-11-23 lack it
         lines.append(
             f"| {name} | {record['metrics']['acc']:.1%} | {record['metrics']['asr']:.1%} | "
             + (f"{without:.1%}" if without is not None else "") + f" | {enabled} | "
@@ -244,7 +245,7 @@ def write_table(args: argparse.Namespace, scale: dict, test, backdoor: Backdoor,
             + (f" ({student_speed / bare:.2f}×)" if student_speed and bare else "") + " | "
             + (f"{throughput['synthesis_images_per_s']:.0f}" if throughput.get("synthesis_images_per_s") else "")
             + " | " + (f"{bare:.0f}" if bare else "")
-            + f" | {record.get('wall_seconds_this_session', 0):.0f}"
+            + f" | {record.get('wall_seconds_this_run', 0):.0f}"
             + (f" (from it. {record['resumed_from_iteration']})" if record.get("resumed_from_iteration") else "")
             + " | "
             + (f"{sum(defense_seconds):.0f}" if defense_seconds else "") + " |")

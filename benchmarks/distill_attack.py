@@ -67,7 +67,7 @@ def poisoned_set(out: Path, teacher, train, method: str, rate: float, size: int,
                                       DistillPoisonConfig(target=0, rate=rate, seed=seed), progress=False,
                                       state_path=folder / CRAFT_STATE_FILE, resume=True)
     manifest = {"trigger": trigger.config(), "target": 0, "engine": engine.config(),
-                "craft_seconds": time.perf_counter() - started, **report}  # this session's share when resumed
+                "craft_seconds": time.perf_counter() - started, **report}  # this process's share when resumed
     save_poisoned_set(data, folder, manifest)
     (folder / CRAFT_STATE_FILE).unlink()
     return load_poisoned_set(folder)

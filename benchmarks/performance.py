@@ -1,4 +1,4 @@
-"""Performance of the hot paths, each next to the bare compute it cannot beat (issue 8).
+"""Performance of the hot paths, each next to the bare compute it cannot beat.
 
 Everything is measured in one process on one machine; the toolkit path and its bare
 counterpart are interleaved for several rounds (``common.interleaved``) and medians are

@@ -75,7 +75,7 @@ class PixelRuleModel(torch.nn.Module):
 
 @pytest.fixture(scope="session")
 def digits_teacher(digits, tmp_path_factory):
-    """A clean small-cnn digits teacher (about 95% test ACC), trained once per session; eval mode."""
+    """A clean small-cnn digits teacher (about 95% test ACC), trained once per test run; eval mode."""
     from kdbackdoor.models import build_model
     from kdbackdoor.runtime import seed_everything
     from kdbackdoor.training import TrainConfig, cross_entropy_loss, fit

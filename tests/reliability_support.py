@@ -69,7 +69,7 @@ def temporaries(folder: Path) -> list[Path]:
     return sorted(folder.rglob(TEMPORARY_GLOB))
 
 
-VARYING_KEYS = ("seconds", "images_per_s", "throughput", "wall_seconds_this_session", "resumed_from_iteration",
+VARYING_KEYS = ("seconds", "images_per_s", "throughput", "wall_seconds_this_run", "resumed_from_iteration",
                 "created", "files", "path")
 
 

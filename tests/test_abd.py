@@ -204,8 +204,8 @@ def test_abd_combines_both_halves_and_runs_in_data_free_distillation(backdoored_
     sv, sr = record["defense"]["parts"]
     assert record["defense"]["name"] == "abd" and sv["enabled"] is True and sr["steps"] == 6
     # each half says how long its own work took: the overhead, as a share of the run's wall time
-    assert 0 < sv["seconds_this_session"] and 0 < sr["seconds_this_session"]
-    assert sv["seconds_this_session"] + sr["seconds_this_session"] < record["wall_seconds_this_session"]
+    assert 0 < sv["seconds_this_run"] and 0 < sr["seconds_this_run"]
+    assert sv["seconds_this_run"] + sr["seconds_this_run"] < record["wall_seconds_this_run"]
     assert build_data_free_defense("none") is None
     with pytest.raises(KDBackdoorError, match="abd, sv, sr"):
         build_data_free_defense("strip")
@@ -242,10 +242,10 @@ def test_cli_defenses_for_data_free_distillation(monkeypatch, capsys, tmp_path):
     record = json.loads((tmp_path / "abd" / "metrics.json").read_text())
     assert [part["name"] for part in record["defense"]["parts"]] == ["sv", "sr"]
     assert record["defense"]["parts"][1]["config"]["rounds"] == 2
-    assert "s this session)" in out
+    assert "s this run)" in out
     code, out, err = run(monkeypatch, capsys, *abd, "--resume")  # a resumed run's times are only its last part's
     assert code == 0, err
-    assert "s this session, from iteration 2)" in " ".join(out.split())  # rich wraps long lines
+    assert "s this run, from iteration 2)" in " ".join(out.split())  # rich wraps long lines
     code, _, err = run(monkeypatch, capsys, *base, "--method", "dataset", "--defense", "sr", "--out", tmp_path / "x")
     assert code == 2 and "--defense sr works with --method" in err
     code, _, err = run(monkeypatch, capsys, *base, "--method", "zskt", "--defense", "sv", "--sv-copies", "0",
@@ -273,8 +273,8 @@ def test_abd_for_ood_distillation_filters_the_transfer_set_then_unlearns(backdoo
     assert record["defense"]["name"] == "abd" and sv["enabled"] is True and sv["pushed"] > 0
     assert record["train"]["size"] == 200  # pushed away from, not dropped
     assert sr["steps"] == 4  # the second half of 2 epochs × 4 steps
-    assert 0 < sv["seconds_this_session"] and 0 < sr["seconds_this_session"]
-    assert sv["seconds_this_session"] + sr["seconds_this_session"] < record["wall_seconds_this_session"]
+    assert 0 < sv["seconds_this_run"] and 0 < sr["seconds_this_run"]
+    assert sv["seconds_this_run"] + sr["seconds_this_run"] < record["wall_seconds_this_run"]
     _, record = distill(teacher, transfer, test, "small-cnn", config, KDConfig(kd_lambda=1.0), tmp_path / "drop",
                         device=CPU, progress=False, evaluate_teacher=False,
                         vaccine=ShufflingVaccineConfig(tail_test=False, transfer_action="drop"))

@@ -77,7 +77,7 @@ def test_tiny_transfer_table_students_and_reuse(transfer, teacher, import_benchm
 
 def test_table_has_rows_that_another_call_finished_meanwhile(transfer, teacher, import_benchmark, monkeypatch, tmp_path):
     """Calls side by side share --out; whichever writes the table last lists every finished run,
-    including those another call finished after this one started (a missing row, session 14)."""
+    including those another call finished after this one started (a missing row, 2026-11-23)."""
     common = import_benchmark("common")
     monkeypatch.setitem(transfer.SCALES, "tiny", TINY)
     monkeypatch.setattr(common, "RESULTS", tmp_path / "results")

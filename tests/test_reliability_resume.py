@@ -218,3 +218,12 @@ def test_verify_reports_changed_and_missing_files(reference, tmp_path):
     assert code == 2 and "lists no file checksums" in err
     record_outcome("bad input", "tampered or unreadable checkpoint (checksum, sidecar)",
                    "verify: changed file, missing file, record without checksums", count=3)
+
+
+def test_records_with_the_old_field_names_read_as_today(tmp_path):
+    from kdbackdoor.experiment.runner import read_record
+    from kdbackdoor.run_record import read_run_record
+    old = {"wall_seconds_this_session": 3.5, "defense": {"parts": [{"name": "sv", "seconds_this_session": 1.0}]}}
+    (tmp_path / "metrics.json").write_text(json.dumps(old))
+    want = {"wall_seconds_this_run": 3.5, "defense": {"parts": [{"name": "sv", "seconds_this_run": 1.0}]}}
+    assert read_run_record(tmp_path) == want and read_record(tmp_path) == want

@@ -76,6 +76,6 @@ def test_distill_with_robust_kd_records_the_defense(pgd_set, digits, digits_teac
     assert defense["name"] == "robust-kd" and defense["num_views"] == 2
     assert defense["views"]["kinds"] == ["noise", "jpeg"] and defense["targets"].startswith("cached")
     assert record["teacher_logits_cached"] is True
-    assert 0 < defense["seconds_this_session"] < record["wall_seconds_this_session"]  # what the targets cost
+    assert 0 < defense["seconds_this_run"] < record["wall_seconds_this_run"]  # what the targets cost
     assert json.loads((tmp_path / "metrics.json").read_text())["defense"] == defense
     assert record["history"][-1]["loss"] < record["history"][0]["loss"]  # it trains on the robust targets

@@ -1141,12 +1141,12 @@ def _defense_line(record: dict) -> str:
             text += {True: " on", False: " off (tail test failed)", None: " (tail test not reached)"}[part["enabled"]]
         if part.get("steps") is not None:
             text += f", {part['steps']} steps"
-        if part.get("seconds_this_session") is not None:
-            text += f", {part['seconds_this_session']:.1f} s"
+        if part.get("seconds_this_run") is not None:
+            text += f", {part['seconds_this_run']:.1f} s"
         bits.append(text)
-    wall = record.get("wall_seconds_this_session")
+    wall = record.get("wall_seconds_this_run")
     resumed = f", from iteration {record['resumed_from_iteration']}" if record.get("resumed_from_iteration") else ""
-    return f"defense {defense['name']}: " + "; ".join(bits) + (f" (run: {wall:.1f} s this session{resumed})"
+    return f"defense {defense['name']}: " + "; ".join(bits) + (f" (run: {wall:.1f} s this run{resumed})"
                                                                if wall else "")
 
 

@@ -29,6 +29,24 @@ RECORD_NAMES = ("metrics.json", "manifest.json")
 
 Status = Literal["OK", "MISMATCH", "MISSING"]
 
+RENAMED_FIELDS = {"wall_seconds_this_session": "wall_seconds_this_run", "seconds_this_session": "seconds_this_run"}
+"""Record fields renamed on 2026-12-04 (records of 0.1.0 before then use the old names): old -> new."""
+
+
+def upgrade_fields(record):
+    """``record`` (any JSON value) with the fields of older records renamed as ``RENAMED_FIELDS`` says,
+    at any depth, so readers need to know only today's names."""
+    if isinstance(record, dict):
+        return {RENAMED_FIELDS.get(key, key): upgrade_fields(value) for key, value in record.items()}
+    if isinstance(record, list):
+        return [upgrade_fields(value) for value in record]
+    return record
+
+
+def read_run_record(path: str | os.PathLike) -> dict:
+    """A run record (the file, or the record in a run folder), old field names upgraded."""
+    return upgrade_fields(json.loads(find_record(path).read_text()))
+
 
 def environment(device: torch.device | str, seed: int) -> dict:
     """Where and how a run ran: library versions, platform, device (with the GPU's name), seed,

@@ -76,7 +76,7 @@ def train_teacher(
         "backdoor": backdoor,
         "metrics": metrics,
         "history": history,
-        "wall_seconds_this_session": time.perf_counter() - started,
+        "wall_seconds_this_run": time.perf_counter() - started,
         "device": str(device),
         "environment": environment(device, config.seed),
         **(metadata or {}),

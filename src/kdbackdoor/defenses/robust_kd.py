@@ -60,10 +60,10 @@ class RobustTeacher(torch.nn.Module):
 
 def robust_kd_record(config: RobustKDConfig, cached: bool, seconds: float) -> dict:
     """What a run record says about the defense: its settings, how targets were made and how long
-    making them took this session (``seconds``: all views' teacher passes, of which a plain
+    making them took in this process (``seconds``: all views' teacher passes, of which a plain
     teacher would have made one per image)."""
     how = (f"cached: each row's {config.num_views} views were drawn once (seed {config.seed}) before training"
            if cached else f"on the fly: {config.num_views} fresh views of every augmented batch (seed {config.seed})")
     return {"name": "robust-kd", **config.model_dump(), "targets": how,
             "view": " then ".join(config.views.kinds),
-            "teacher_forwards_per_image": config.num_views, "seconds_this_session": seconds}
+            "teacher_forwards_per_image": config.num_views, "seconds_this_run": seconds}

@@ -158,7 +158,7 @@ class SelfRetrospection(DistillDefense):
 
     def record(self) -> dict:
         return {"name": self.name, "config": self.config.model_dump(), "steps": self.steps,
-                "last_perturbation_change": self.last_change, "seconds_this_session": self.stopwatch.seconds}
+                "last_perturbation_change": self.last_change, "seconds_this_run": self.stopwatch.seconds}
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.get_state(), "steps": self.steps}

@@ -163,7 +163,7 @@ def suspect_transfer_images(teacher: nn.Module, data: ImageDataset, config: Shuf
         agree = torch.cat([suspect(x).argmax(1) == teacher(x).argmax(1)
                            for x, _, _ in data.batches(batch_size, device=device)]).cpu()
         record["suspicious"] = int(agree.sum())
-    record["seconds_this_session"] = time.perf_counter() - started  # .cpu() above waited for the device
+    record["seconds_this_run"] = time.perf_counter() - started  # .cpu() above waited for the device
     return agree, record
 
 
@@ -219,7 +219,7 @@ class ShufflingVaccine(DistillDefense):
         return {"name": self.name, "config": self.config.model_dump(), "enabled": self.enabled,
                 "tail_ratios": self.trials, "shuffled_layers": self.suspect.layer_names,
                 "penalised_share": self.penalised / self.seen if self.seen else None,
-                "seconds_this_session": self.stopwatch.seconds}
+                "seconds_this_run": self.stopwatch.seconds}
 
     def state_dict(self) -> dict:
         return {"batches": self.batches, "enabled": self.enabled, "trials": self.trials, "penalised": self.penalised,

@@ -146,7 +146,7 @@ def distill_data_free(
 
     Images have the teacher's channels and input size. Writes ``model.safetensors`` (+
     ``model.json``), ``metrics.json`` (student metrics on ``test`` as in dataset KD, history,
-    config, defense record, throughput and wall time of this session (from ``resumed_from_iteration``,
+    config, defense record, throughput and wall time of this process (from ``resumed_from_iteration``,
     0 unless resumed); every ``eval_every`` iterations test ACC and, with a
     backdoor, its ASR), the generator for zskt/dfad
     (``generator/generator.safetensors``) and with ``save_samples`` a PNG of the last
@@ -202,7 +202,7 @@ def distill_data_free(
         "test": {"name": test.name, "size": len(test)}, "backdoor": backdoor_record(backdoor),
         "defense": defense.record(), "metrics": metrics or student_metrics(student, test, backdoor, device),
         "history": history, "throughput": run.throughput(), "resumed_from_iteration": start,
-        "wall_seconds_this_session": time.perf_counter() - started, "device": str(device), **(metadata or {}),
+        "wall_seconds_this_run": time.perf_counter() - started, "device": str(device), **(metadata or {}),
     }
     if evaluate_teacher:
         record["teacher_metrics"] = student_metrics(teacher, test, backdoor, device)
@@ -288,7 +288,7 @@ class _Run:
         return loss_synthesis, loss_student
 
     def throughput(self) -> dict:
-        """Images per second of synthesis steps and of student steps, this session."""
+        """Images per second of synthesis steps and of student steps, in this process."""
         return {f"{part}_images_per_s": self.images[part] / self.seconds[part] if self.seconds[part] else None
                 for part in self.seconds}
 

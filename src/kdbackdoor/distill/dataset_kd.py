@@ -102,7 +102,7 @@ def distill(
         record["baseline"] = _baseline(teacher, train, test, student_arch, config, kd, out_dir / BASELINE_DIR,
                                        device=device, backdoor=backdoor, resume=resume, progress=progress,
                                        robust=robust, retrospection=retrospection, vaccinated=vaccinated)
-    record.update(wall_seconds_this_session=time.perf_counter() - started, device=str(device),
+    record.update(wall_seconds_this_run=time.perf_counter() - started, device=str(device),
                   environment=environment(device, config.seed), **(metadata or {}))
     _save_run(student, record, out_dir, test.classes,
               [f"{BASELINE_DIR}/{name}" for name in RUN_FILES] if baseline else [])

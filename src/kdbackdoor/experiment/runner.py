@@ -34,6 +34,7 @@ from kdbackdoor.experiment.config import DATASET_METHODS, ExperimentConfig
 from kdbackdoor.experiment.distillation import check_available, distill_student
 from kdbackdoor.experiment.stages import poison_stage, teacher_stage, transfer_seed
 from kdbackdoor.experiment.tracking import check_tracking, track_run
+from kdbackdoor.run_record import upgrade_fields
 from kdbackdoor.runtime import cpu_generator, select_device
 
 log = logging.getLogger("kdbackdoor.experiment")
@@ -168,8 +169,8 @@ def run_experiment(config: ExperimentConfig, results: str | Path, *, label: dict
 
 
 def read_record(folder: str | Path) -> dict:
-    """The record of a complete run."""
-    return json.loads((Path(folder) / RECORD_FILE).read_text())
+    """The record of a complete run (fields of older records under today's names)."""
+    return upgrade_fields(json.loads((Path(folder) / RECORD_FILE).read_text()))
 
 
 def _execute(config: ExperimentConfig, results: Path, folder: Path, label: dict, sweep: str | None,
