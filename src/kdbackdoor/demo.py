@@ -147,27 +147,45 @@ def _cells(metrics: dict) -> tuple[str, str]:
     return f"{metrics['acc']:.1%}", "" if asr is None else f"{asr:.1%}"
 
 
+def summary_rows(summary: dict) -> list[tuple[str, ...]]:
+    """The demo table's rows: a 1-tuple is a section heading, else (model, ACC, ASR) as text."""
+    attack, data_free = summary["poisoned_distillation"], summary["data_free"]
+    detection = attack["filter"]
+    return [
+        (f"1. poisoned KD set ({attack['trigger']['name']} → {attack['target']})",),
+        ("clean teacher", *_cells(attack["clean_teacher"])),
+        (f"student on the set + {attack['counts']['kept']} PGD poisons", *_cells(attack["student"])),
+        ("student on the set without poisons", *_cells(attack["unpoisoned_student"])),
+        (f"{detection['name']} filter on the set", f"AUROC {detection['auroc']:.3f}",
+         f"TPR@5%FPR {detection['tpr_at_5fpr']:.1%}"),
+        ("  its own rule: flagged / poisons caught", f"{detection['flagged']}",
+         f"{detection['true_positives']} of {detection['poisons']}"),
+        (f"2. data-free KD ({data_free['method']})",),
+        (f"backdoored teacher ({data_free['trigger']} → {data_free['target']})",
+         *_cells(data_free["backdoored_teacher"])),
+        ("student", *_cells(data_free["student"])),
+        ("student with ABD", *_cells(data_free["student_with_abd"])),
+    ]
+
+
 def summary_table(summary: dict) -> Table:
     """The demo's one table: every model's ACC and ASR, and the filter's detection figures."""
-    attack, data_free = summary["poisoned_distillation"], summary["data_free"]
     table = Table(title=f"kdbackdoor demo ({summary['dataset']})")
     for column in ("model", "ACC", "ASR"):
         table.add_column(column, justify="left" if column == "model" else "right")
-
-    def row(name: str, metrics: dict) -> None:
-        table.add_row(name, *_cells(metrics))
-
-    table.add_row(f"[bold]1. poisoned KD set[/] ({attack['trigger']['name']} → {attack['target']})")
-    row("clean teacher", attack["clean_teacher"])
-    row(f"student on the set + {attack['counts']['kept']} PGD poisons", attack["student"])
-    row("student on the set without poisons", attack["unpoisoned_student"])
-    detection = attack["filter"]
-    table.add_row(f"{detection['name']} filter on the set", f"AUROC {detection['auroc']:.3f}",
-                  f"TPR@5%FPR {detection['tpr_at_5fpr']:.1%}")
-    table.add_section()
-    table.add_row(f"[bold]2. data-free KD ({data_free['method']})[/]")
-    table.add_row(f"backdoored teacher ({data_free['trigger']} → {data_free['target']})",
-                  *_cells(data_free["backdoored_teacher"]))
-    row("student", data_free["student"])
-    row("student with ABD", data_free["student_with_abd"])
+    for number, row in enumerate(summary_rows(summary)):
+        if len(row) == 1:
+            if number:
+                table.add_section()
+            table.add_row(f"[bold]{row[0]}[/]")
+        else:
+            table.add_row(*row)
     return table
+
+
+def summary_markdown(summary: dict) -> str:
+    """The demo table as Markdown."""
+    lines = ["| model | ACC | ASR |", "|---|---|---|"]
+    for row in summary_rows(summary):
+        lines.append(f"| **{row[0]}** | | |" if len(row) == 1 else "| " + " | ".join(r.strip() for r in row) + " |")
+    return "\n".join(lines)
