@@ -92,7 +92,7 @@ def test_pt_state_dict_loads_weights_only(model, tmp_path):
     loaded, info = load_checkpoint(path, arch="small-cnn", num_classes=10, device=torch.device("cpu"))
     assert same_logits(model, loaded)
     assert (info["num_classes"], info["classes"], info["metadata"]) == (10, None, {})
-    with pytest.raises(KDBackdoorError, match="pass arch and num_classes"):
+    with pytest.raises(KDBackdoorError, match="give the architecture and class count"):
         load_checkpoint(path)
 
 

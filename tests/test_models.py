@@ -14,6 +14,10 @@ ARCHS = [
     "wrn-16-1", "wrn-16-2", "wrn-40-1", "wrn-40-2", "resnet18", "resnet34",
     "vgg11-bn", "vgg16-bn", "small-cnn", "fast-cnn", "fast-cnn-half",
 ]
+IMAGENET_ARCHS = [  # tested in test_foreign_models.py
+    "resnet18-imagenet", "resnet34-imagenet", "resnet50-imagenet", "vgg11-bn-imagenet", "vgg16-bn-imagenet",
+    "mobilenet-v2",
+]
 
 
 def n_params(model: nn.Module) -> int:
@@ -27,7 +31,7 @@ def meta_model(arch: str, **kwargs) -> Classifier:
 
 
 def test_registry_lists_every_architecture():
-    assert available_architectures() == sorted(ARCHS)
+    assert available_architectures() == sorted(ARCHS + IMAGENET_ARCHS)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

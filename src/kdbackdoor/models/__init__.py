@@ -1,7 +1,9 @@
 """Models: pixel-space classifiers, the architecture registry and safe checkpoint I/O."""
 
 # Importing the architecture modules registers them.
-from kdbackdoor.models import fast_cnn, resnet, small_cnn, vgg, wrn  # noqa: F401
+from kdbackdoor.models import (  # noqa: F401
+    fast_cnn, imagenet_resnet, imagenet_vgg, mobilenet_v2, resnet, small_cnn, vgg, wrn,
+)
 from kdbackdoor.models.checkpoint import load_checkpoint, save_checkpoint
 from kdbackdoor.models.classifier import Classifier
 from kdbackdoor.models.registry import available_architectures, build_model

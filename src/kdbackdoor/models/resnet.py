@@ -8,7 +8,23 @@ import torch.nn.functional as F
 
 from kdbackdoor.models.backbone import Backbone
 from kdbackdoor.models.layers import conv3x3, conv_bn_act, global_avg_pool
+from kdbackdoor.models.naming import Naming, cifar_normalisation, numbered
 from kdbackdoor.models.registry import register
+
+CIFAR_RESNET_NAMING = Naming(
+    "cifar-resnet",
+    "CIFAR ResNet of the data-free KD code bases (conv1, bn1, layer1-4, shortcut or downsample, "
+    "linear or fc)",
+    (
+        (r"^conv1\.", "backbone.stem.0."),
+        (r"^bn1\.", "backbone.stem.1."),
+        (r"^layer(\d+)\.", numbered("backbone.stages.")),
+        (r"\.downsample\.", ".shortcut."),
+        (r"^(linear|fc)\.", "backbone.fc."),
+    ),
+    normalisation=cifar_normalisation,
+    input_size=(32, 32),
+)
 
 
 class BasicBlock(nn.Module):
@@ -46,11 +62,11 @@ def resnet(blocks_per_stage: list[int], num_classes: int, in_channels: int) -> B
     )
 
 
-@register("resnet18")
+@register("resnet18", namings=[CIFAR_RESNET_NAMING])
 def resnet18(num_classes: int, in_channels: int) -> Backbone:
     return resnet([2, 2, 2, 2], num_classes, in_channels)
 
 
-@register("resnet34")
+@register("resnet34", namings=[CIFAR_RESNET_NAMING])
 def resnet34(num_classes: int, in_channels: int) -> Backbone:
     return resnet([3, 4, 6, 3], num_classes, in_channels)

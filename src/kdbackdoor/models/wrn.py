@@ -13,7 +13,23 @@ import torch.nn.functional as F
 
 from kdbackdoor.models.backbone import Backbone
 from kdbackdoor.models.layers import conv3x3, global_avg_pool
+from kdbackdoor.models.naming import Naming, cifar_normalisation, numbered
 from kdbackdoor.models.registry import register
+
+DATAFREE_WRN_NAMING = Naming(
+    "datafree-wrn",
+    "WideResNet of the data-free KD code bases (conv1, block<g>.layer.<i>.bn1/conv1/bn2/conv2, "
+    "convShortcut, bn1, fc)",
+    (
+        (r"^conv1\.", "backbone.stem."),
+        (r"^block(\d+)\.layer\.", numbered("backbone.stages.")),
+        (r"\.convShortcut\.", ".shortcut."),
+        (r"^bn1\.", "backbone.pool.0."),
+        (r"^fc\.", "backbone.fc."),
+    ),
+    normalisation=cifar_normalisation,
+    input_size=(32, 32),
+)
 
 
 class PreActBlock(nn.Module):
@@ -54,4 +70,4 @@ def wide_resnet(depth: int, widen: int, num_classes: int, in_channels: int) -> B
 
 # WRN-d-k is registered as "wrn-d-k".
 for _depth, _widen in [(16, 1), (16, 2), (40, 1), (40, 2)]:
-    register(f"wrn-{_depth}-{_widen}")(partial(wide_resnet, _depth, _widen))
+    register(f"wrn-{_depth}-{_widen}", namings=[DATAFREE_WRN_NAMING])(partial(wide_resnet, _depth, _widen))
