@@ -154,9 +154,11 @@ def test_wrong_checksum_is_rejected_and_nothing_is_kept(served, tmp_path, monkey
 def test_failed_download_leaves_nothing(served, tmp_path):
     _, server = served
     missing = RemoteFile("absent.tar.gz", f"{server.url}/absent.tar.gz", "md5:" + "0" * 32)
-    with pytest.raises(KDBackdoorError, match="absent.tar.gz: download failed"):
+    with pytest.raises(KDBackdoorError, match="absent.tar.gz: download failed") as failure:
         download(missing, tmp_path / "downloads", progress=False)
     assert list((tmp_path / "downloads").iterdir()) == []
+    # an offline user learns how to use a local copy instead
+    assert "--data-dir" in str(failure.value) and "imagefolder:PATH" in str(failure.value)
 
 
 def test_no_download_without_permission(served, tmp_path):

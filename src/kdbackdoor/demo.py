@@ -49,12 +49,15 @@ def demo_config(dataset: str) -> Path:
 
 
 def run_demo(out: str | Path, *, dataset: str = "digits", data_dir: str | None = None, device: str = "auto",
-             config: str | Path | None = None, progress: bool = True, console: Console | None = None) -> dict:
+             config: str | Path | None = None, progress: bool = True, console: Console | None = None,
+             resume: bool = False) -> dict:
     """Run the demo into ``out`` (replacing an earlier demo there); return its summary.
 
     ``dataset``/``data_dir`` choose the data (``digits``, embedded, by default); ``device`` is
     ``auto``, ``cpu`` or ``cuda[:N]``; ``config`` replaces the packaged sweep file (``demo_config``)
     with one of the same shape (three runs named as ``RUN_NAMES``, run 1 with a poison section).
+    ``resume`` keeps an earlier demo in ``out`` and continues it: finished runs are reused,
+    interrupted ones resume from their last saved state.
     Files: ``results/`` (the sweep's runs, cache and ``index.csv``), ``report.html`` and
     ``demo.json`` (the summary returned here). Accuracies and rates are shares in [0, 1].
     """
@@ -67,10 +70,13 @@ def run_demo(out: str | Path, *, dataset: str = "digits", data_dir: str | None =
         raise KDBackdoorError(f"{config}: a demo sweep has three runs, named {', '.join(RUN_NAMES)} (zip over name)")
     for run in runs:
         preflight(run.config)
+    if dataset != "digits":  # a download or a bad --data-dir fails here, once, before any run starts
+        ExperimentData(runs[0].config, progress).test
     if out.exists() and any(out.iterdir()):
         if not (out / DEMO_MARKER).exists():
             raise KDBackdoorError(f"{out} is not empty and holds no earlier demo; choose another --out")
-        shutil.rmtree(out)
+        if not resume:
+            shutil.rmtree(out)
     results = out / "results"
     console.print(f"[bold]kdbackdoor demo[/] on {dataset}: {len(runs)} experiments into {results}")
 

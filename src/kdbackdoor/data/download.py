@@ -56,7 +56,11 @@ def download(remote: RemoteFile, directory: Path, *, progress: bool = True) -> P
         ) from exc
     except OSError as exc:  # network errors (requests' exceptions are OSErrors) and disk errors
         target.unlink(missing_ok=True)
-        raise KDBackdoorError(f"{remote.url}: download failed ({exc})") from exc
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise KDBackdoorError(
+            f"{remote.url}: download failed ({reason}). Offline? Fetch {remote.filename} elsewhere and point "
+            f"--data-dir (data.data_dir in a config) at the folder holding it or its unpacked files, or use "
+            f"--dataset imagefolder:PATH for a local copy as image folders") from exc
     return target
 
 
