@@ -131,6 +131,23 @@ def model_metrics(
     return metrics
 
 
+def check_same_classes(train: ImageDataset, test: ImageDataset) -> None:
+    """Fail clearly when a test split's classes (names, in label order) or image shape differ from
+    the training split's: its ACC and ASR would score the wrong labels."""
+    if list(train.classes) != list(test.classes):
+        only_train = [c for c in train.classes if c not in test.classes]
+        only_test = [c for c in test.classes if c not in train.classes]
+        detail = ("; ".join(part for part in (only_train and f"only in training: {', '.join(only_train[:5])}",
+                                               only_test and f"only in test: {', '.join(only_test[:5])}") if part)
+                  or "same names in another order")
+        raise KDBackdoorError(
+            f"test split {test.name!r} has {test.num_classes} classes and training split {train.name!r} "
+            f"{train.num_classes}, not the same ({detail}); both splits must list the same classes in the same order")
+    if train.image_shape != test.image_shape:
+        raise KDBackdoorError(f"test split {test.name!r} has images of shape {tuple(test.image_shape)}, training "
+                              f"split {train.name!r} {tuple(train.image_shape)}; load both with the same --resize")
+
+
 def check_compatible(model: torch.nn.Module, data: ImageDataset, *, classes: bool = True) -> None:
     """Fail clearly when a model and a data set disagree on channels, image size (H, W, against
     the model's recorded ``input_size``) or (``classes``) class count."""

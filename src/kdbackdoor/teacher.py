@@ -13,7 +13,7 @@ import torch
 from kdbackdoor.atomic import atomic_path, write_json
 from kdbackdoor.attacks.teacher_poisoning import RATE_HELP, PoisonConfig, holdout_split, poison_training_set
 from kdbackdoor.data.dataset import ImageDataset
-from kdbackdoor.evaluate import model_metrics
+from kdbackdoor.evaluate import check_same_classes, model_metrics
 from kdbackdoor.models import build_model, save_checkpoint
 from kdbackdoor.run_record import environment, file_checksums
 from kdbackdoor.runtime import seed_everything
@@ -51,6 +51,7 @@ def train_teacher(
     file in ``files``; see ``kdbackdoor.run_record``).
     """
     out_dir = Path(out_dir)
+    check_same_classes(train, test)
     train, held = holdout_split(train, holdout, config.seed)
     backdoor = None
     if trigger is not None:

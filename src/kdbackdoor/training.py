@@ -25,6 +25,7 @@ from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.evaluate import accuracy, attack_success_rate
 from kdbackdoor import stop_points
 from kdbackdoor.runtime import Seed, autocast, channels_last, cpu_generator
+from kdbackdoor.state_file import load_tensors_pickle
 
 STATE_FILE = "train_state.pt"
 
@@ -171,7 +172,7 @@ def fit(
     start_epoch = 0
     if resume and state_path.exists():
         try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            state = load_tensors_pickle(state_path, "training state", "delete it to start over")
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])

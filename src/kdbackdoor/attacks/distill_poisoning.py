@@ -40,6 +40,7 @@ from kdbackdoor.data.dataset import ImageDataset, to_uint8
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.evaluate import check_compatible
 from kdbackdoor.runtime import Seed
+from kdbackdoor.state_file import load_tensors_pickle
 from kdbackdoor.triggers import Trigger
 
 CRAFT_STATE_FILE = "craft_state.pt"
@@ -110,8 +111,10 @@ def craft_poisoned_set(
 
     state = _CraftState.empty(data.images.shape[1:])
     fingerprint = ""
+    made_folder = False  # whether this call creates the state's folder (removed again if nothing is kept)
     if state_path is not None:
         state_path = Path(state_path)
+        made_folder = not state_path.parent.exists()
         fingerprint = _fingerprint(teacher, data, trigger, engine, config)
         if state_path.exists() and not resume:
             raise KDBackdoorError(f"{state_path.parent} holds an interrupted crafting run; pass --resume to "
@@ -138,7 +141,11 @@ def craft_poisoned_set(
             bar.update(task, completed=len(state.rows),
                        status=f"tried {state.tried}, attempts {state.attempts}")
     rows, tried, attempts = state.rows, state.tried, state.attempts
-    if len(rows) == 0:
+    if len(rows) == 0:  # nothing to resume either: leave no state behind
+        if state_path is not None:
+            state_path.unlink(missing_ok=True)
+            if made_folder and not any(state_path.parent.iterdir()):
+                state_path.parent.rmdir()
         raise KDBackdoorError(
             f"no poison passed verification (threshold {config.threshold}) after trying {tried} source images; "
             "use a stronger engine setting (more steps, larger eps) or a lower --threshold")
@@ -189,7 +196,7 @@ class _CraftState:
     def load(path: Path, fingerprint: str, generator: torch.Generator) -> "_CraftState":
         """The saved state; ``generator`` continues where the saved run's was."""
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_tensors_pickle(path, "crafting state", "delete it to start over")
             if state["fingerprint"] != fingerprint:
                 raise KDBackdoorError(
                     f"{path}: this interrupted crafting run used other inputs (settings, engine, trigger, "

@@ -46,6 +46,7 @@ from kdbackdoor.models import build_model, save_checkpoint
 from kdbackdoor.models.features import forward_with_features
 from kdbackdoor.models.generator import GeneratorOutput, save_generator
 from kdbackdoor.runtime import Seed, autocast, channels_last, cpu_generator, seed_everything
+from kdbackdoor.state_file import load_tensors_pickle
 
 STATE_FILE = "train_state.pt"
 GENERATOR_FILE = "generator/generator.safetensors"  # a subfolder: the run folder holds one model
@@ -301,7 +302,7 @@ class _Run:
             torch.save(state, tmp)
 
     def load(self, path: Path) -> tuple[int, list[dict]]:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors_pickle(path, "data-free training state", "delete it to start over")
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
