@@ -36,8 +36,10 @@ from kdbackdoor.data.sources import load_dataset
 from kdbackdoor.defenses.abd import DATA_FREE_DEFENSES, abd_halves, build_data_free_defense
 from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
 from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
-from kdbackdoor.distill.data_free import DataFreeConfig, distill_data_free
-from kdbackdoor.distill.dataset_kd import Backdoor, defense_parts, distill
+from kdbackdoor.distill.data_free import distill_data_free
+from kdbackdoor.distill.data_free_config import DataFreeConfig
+from kdbackdoor.distill.dataset_kd import distill
+from kdbackdoor.distill.record import Backdoor, defense_parts
 from kdbackdoor.distill.losses import KDConfig
 from kdbackdoor.models import build_model, load_checkpoint
 from kdbackdoor.run_record import read_run_record

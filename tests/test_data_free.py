@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kdbackdoor.distill.dataset_kd import Backdoor
+from kdbackdoor.distill.record import Backdoor
 from kdbackdoor.distill.data_free import GENERATOR_FILE, SAMPLES_FILE, DataFreeConfig, distill_data_free
 from kdbackdoor.distill.hooks import DistillDefense
 from kdbackdoor.distill.losses import attention_map, attention_transfer_loss

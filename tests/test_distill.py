@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdbackdoor.distill.dataset_kd import Backdoor, distill
+from kdbackdoor.distill.dataset_kd import distill
+from kdbackdoor.distill.record import Backdoor
 from kdbackdoor.distill.losses import KDConfig, kd_divergence, kd_loss, precompute_logits
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models import build_model, load_checkpoint

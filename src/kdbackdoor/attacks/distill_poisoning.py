@@ -38,7 +38,7 @@ from kdbackdoor.attacks.engines import EARLY_EXIT_ENGINES, Engine
 from kdbackdoor.attacks.injection import InjectionMode, inject_poisons, poison_count
 from kdbackdoor.data.dataset import ImageDataset, to_uint8
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.evaluate import check_compatible
+from kdbackdoor.models.compatibility import check_compatible
 from kdbackdoor.runtime import Seed
 from kdbackdoor.state_file import load_tensors_pickle
 from kdbackdoor.triggers import Trigger

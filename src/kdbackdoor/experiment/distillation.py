@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from kdbackdoor.data.dataset import ImageDataset
-from kdbackdoor.distill.dataset_kd import Backdoor
+from kdbackdoor.distill.record import Backdoor
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.experiment.config import DATA_FREE_METHODS, ExperimentConfig
 

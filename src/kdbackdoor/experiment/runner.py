@@ -65,7 +65,7 @@ def preflight(config: ExperimentConfig) -> None:
     Raises ``KDBackdoorError`` naming the config key.
     """
     from kdbackdoor.data.sources import SOURCES  # importing sources registers them
-    from kdbackdoor.models import available_architectures
+    from kdbackdoor.models.registry import ARCHITECTURES
     from kdbackdoor.triggers import parse_spec
 
     def fail(key: str, problem: str) -> None:
@@ -73,10 +73,10 @@ def preflight(config: ExperimentConfig) -> None:
 
     for key, spec in (("data.dataset", config.data.dataset), ("distill.data", config.distill.data)):
         if spec is not None and spec.partition(":")[0] not in SOURCES:
-            fail(key, f"unknown data set {spec!r}; available: {', '.join(sorted(SOURCES))}")
+            fail(key, str(SOURCES.unknown(spec)))
     for key, arch in (("teacher.arch", config.teacher.arch), ("distill.student_arch", config.distill.student_arch)):
-        if arch not in available_architectures():
-            fail(key, f"unknown architecture {arch!r}; available: {', '.join(available_architectures())}")
+        if arch not in ARCHITECTURES:
+            fail(key, str(ARCHITECTURES.unknown(arch)))
     triggers = {"teacher.backdoor.trigger": config.teacher.backdoor and config.teacher.backdoor.trigger,
                 "poison.trigger": config.poison and config.poison.trigger,
                 "evaluation.trigger": config.evaluation.trigger}
@@ -225,7 +225,7 @@ def evaluation_backdoor(config: ExperimentConfig, manifest: dict | None, teacher
                         image_shape: tuple[int, int, int]):
     """The backdoor the student's ASR is measured for: ``evaluation.trigger``, else the poisoned
     set's, else the teacher's recorded one, else none."""
-    from kdbackdoor.distill.dataset_kd import Backdoor
+    from kdbackdoor.distill.record import Backdoor
     from kdbackdoor.triggers import build_trigger
 
     section = config.evaluation

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from kdbackdoor.distill.synthesis.base import SynthesisContext, Synthesizer, descend
+from kdbackdoor.distill.synthesis.base import SYNTHESIZERS, SynthesisContext, Synthesizer, descend
 from kdbackdoor.models.generator import ImageGenerator
 from kdbackdoor.runtime import autocast
 
 
+@SYNTHESIZERS.register("zskt")
+@SYNTHESIZERS.register("dfad")
 class AdversarialGenerator(Synthesizer):
     """ZSKT / DFAD synthesis; ``generator`` is the model saved with the run."""
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdbackdoor.distill.synthesis.base import PooledSynthesizer, SynthesisContext, descend
+from kdbackdoor.distill.synthesis.base import SYNTHESIZERS, PooledSynthesizer, SynthesisContext, descend
 from kdbackdoor.distill.synthesis.priors import balanced_targets, batchnorm_statistics
 from kdbackdoor.distill.synthesis.views import local_crop
 from kdbackdoor.models.features import forward_with_features
@@ -30,6 +30,7 @@ from kdbackdoor.runtime import autocast
 HEAD_DIM = 128
 
 
+@SYNTHESIZERS.register("cmi")
 class ContrastiveInversion(PooledSynthesizer):
     """CMI synthesis into a growing pool, with a memory bank of teacher features."""
 

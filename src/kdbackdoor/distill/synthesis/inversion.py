@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from kdbackdoor.distill.synthesis.base import PooledSynthesizer, descend
+from kdbackdoor.distill.synthesis.base import SYNTHESIZERS, PooledSynthesizer, descend
 from kdbackdoor.distill.synthesis.priors import balanced_targets, batchnorm_statistics, centred_l2, total_variation
 from kdbackdoor.distill.synthesis.views import jitter_flip
 from kdbackdoor.runtime import autocast
 
 
+@SYNTHESIZERS.register("deepinversion")
 class DeepInversion(PooledSynthesizer):
     """DeepInversion synthesis into a growing pool."""
 
