@@ -16,7 +16,7 @@ import torch
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models.compatibility import check_compatible
-from kdbackdoor.runtime import autocast
+from kdbackdoor.numerics import autocast
 
 PixelTransform = Callable[[torch.Tensor], torch.Tensor]
 

@@ -39,6 +39,7 @@ from kdbackdoor.attacks.injection import InjectionMode, inject_poisons, poison_c
 from kdbackdoor.data.dataset import ImageDataset, to_uint8
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models.compatibility import check_compatible
+from kdbackdoor.numerics import autocast, layout
 from kdbackdoor.runtime import Seed
 from kdbackdoor.state_file import load_tensors_pickle
 from kdbackdoor.triggers import Trigger
@@ -266,8 +267,10 @@ def _craft_verified(teacher, data, rows, trigger, engine, config, generator, dev
         if len(todo) == 0:
             break
         attempts += len(todo)
-        crafted = to_uint8(engine.craft(teacher, x[todo], targets[todo], trigger, generator,
-                                        config.threshold if config.early_exit else None).detach())
+        with autocast(device):  # the teacher's passes only: the perturbation and its steps stay fp32
+            crafted = to_uint8(engine.craft(teacher, layout(x[todo]), targets[todo], trigger, generator,
+                                            config.threshold if config.early_exit else None).detach())
+        # verified in fp32, the teacher's own precision: a kept poison passes on the teacher as shipped
         stored = to_uint8(trigger(crafted.float() / 255))
         probability = _target_probability(teacher, stored.float() / 255, config.target).cpu()
         ok = probability >= config.threshold

@@ -44,7 +44,8 @@ from kdbackdoor.image_grid import save_image_batch
 from kdbackdoor.models import build_model, save_checkpoint
 from kdbackdoor.models.features import forward_with_features
 from kdbackdoor.models.generator import save_generator
-from kdbackdoor.runtime import autocast, channels_last, cpu_generator, seed_everything
+from kdbackdoor.numerics import autocast, grad_scaler, numerics_record, to_layout
+from kdbackdoor.runtime import cpu_generator, seed_everything
 from kdbackdoor.state_file import load_tensors_pickle
 
 STATE_FILE = "train_state.pt"
@@ -87,11 +88,11 @@ def distill_data_free(
     image_shape = (teacher.in_channels, *teacher.input_size)
     if tuple(test.image_shape) != image_shape:
         raise KDBackdoorError(f"the teacher was built for {image_shape} images but the test set has {test.image_shape}")
-    teacher = channels_last(teacher.to(device)).eval().requires_grad_(False)
+    teacher = to_layout(teacher.to(device)).eval().requires_grad_(False)
     seed_everything(config.seed)
     student = build_model(student_arch, num_classes=teacher.num_classes, in_channels=image_shape[0],
                           input_size=image_shape[1:])
-    student = channels_last(student.to(device))
+    student = to_layout(student.to(device))
     defense = defense or DistillDefense()
     run = _Run(teacher, student, image_shape, config, device, defense)
     history: list[dict] = []
@@ -112,12 +113,12 @@ def distill_data_free(
             last = done == config.iterations
             if last or (config.eval_every and done % config.eval_every == 0):
                 metrics = student_metrics(student, test, backdoor, device)
-                row = {"iteration": done, "synthesis_loss": loss_synthesis, "student_loss": loss_student,
+                row = {"iteration": done, "synthesis_loss": float(loss_synthesis), "student_loss": float(loss_student),
                        "test_acc": metrics["acc"], "seconds": time.perf_counter() - started}
                 if "asr" in metrics:  # so a run shows when the backdoor reaches the student
                     row["test_asr"] = metrics["asr"]
                 history.append(row)
-                bar.update(task, status=f"student loss {loss_student:.3f} test {row['test_acc']:.1%}"
+                bar.update(task, status=f"student loss {row['student_loss']:.3f} test {row['test_acc']:.1%}"
                            + (f" ASR {row['test_asr']:.1%}" if "test_asr" in row else ""))
             if last or done % config.checkpoint_every == 0:
                 run.save(state_path, done, history)
@@ -128,7 +129,8 @@ def distill_data_free(
         "test": {"name": test.name, "size": len(test)}, "backdoor": backdoor_record(backdoor),
         "defense": defense.record(), "metrics": metrics or student_metrics(student, test, backdoor, device),
         "history": history, "throughput": run.throughput(), "resumed_from_iteration": start,
-        "wall_seconds_this_run": time.perf_counter() - started, "device": str(device), **(metadata or {}),
+        "wall_seconds_this_run": time.perf_counter() - started, "device": str(device),
+        "numerics": numerics_record(device), **(metadata or {}),
     }
     if evaluate_teacher:
         record["teacher_metrics"] = student_metrics(teacher, test, backdoor, device)
@@ -147,17 +149,18 @@ class _Run:
     def __init__(self, teacher, student, image_shape, config: DataFreeConfig, device, defense: DistillDefense) -> None:
         self.teacher, self.student, self.config, self.device, self.defense = teacher, student, config, device, defense
         if config.student_optimizer == "adam":
-            self.optimizer = torch.optim.Adam(student.parameters(), lr=config.student_lr)
+            self.optimizer = torch.optim.Adam(student.parameters(), lr=config.student_lr, fused=True)
         else:
             self.optimizer = torch.optim.SGD(student.parameters(), lr=config.student_lr, momentum=0.9,
-                                             weight_decay=5e-4)
+                                             weight_decay=5e-4, fused=True)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.iterations)
         self.rng = cpu_generator(config.seed)
         context = SynthesisContext(teacher, student, image_shape, teacher.num_classes, config, device, defense,
                                    self.logit_loss, self.rng)
         self.synthesizer = SYNTHESIZERS[config.method](context)
         self.stages = (teacher.stage_names, student.stage_names) if config.attention_beta > 0 else None
-        self.step = StudentStep(student, teacher, self.optimizer, self.student_loss, config.max_grad_norm)
+        self.step = StudentStep(student, teacher, self.optimizer, self.student_loss, config.max_grad_norm,
+                                grad_scaler(device))
         self.crop_padding = max(1, image_shape[1] // 8)
         self.seconds = {"synthesis": 0.0, "student": 0.0}
         self.images = {"synthesis": 0, "student": 0}
@@ -191,8 +194,9 @@ class _Run:
             return per_sample.mean() + attention
         return (per_sample * weights).sum() / weights.sum().clamp_min(1e-8) + attention
 
-    def iteration(self, index: int) -> tuple[float, float]:
-        """One synthesis round, then the student steps. Returns (synthesis loss, last student loss)."""
+    def iteration(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One synthesis round, then the student steps. Returns (synthesis loss, last student loss)
+        as device tensors, read only when logged."""
         self.defense.on_iteration(index, self.config.iterations)
         started = time.perf_counter()
         loss_synthesis = self.synthesizer.synthesize()

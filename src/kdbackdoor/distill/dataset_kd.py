@@ -31,7 +31,8 @@ from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models.compatibility import check_compatible
 from kdbackdoor.models import build_model, load_checkpoint, save_checkpoint
 from kdbackdoor.run_record import environment, file_checksums
-from kdbackdoor.runtime import channels_last, seed_everything
+from kdbackdoor.numerics import to_layout
+from kdbackdoor.runtime import seed_everything
 from kdbackdoor.training import TrainConfig, fit
 
 BASELINE_DIR = "baseline"
@@ -111,7 +112,7 @@ def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, dev
     seed_everything(config.seed)
     c, h, w = train.image_shape
     student = build_model(student_arch, num_classes=test.num_classes, in_channels=c, input_size=(h, w)).to(device)
-    teacher = channels_last(teacher.to(device)).eval()
+    teacher = to_layout(teacher.to(device)).eval()
     targets = teacher if robust is None else RobustTeacher(teacher, robust)
     augmented = config.crop_padding > 0 or config.hflip or config.cutmix > 0
     # without augmentation every row always looks the same: the teacher runs once per row, not per epoch

@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models.features import capture
+from kdbackdoor.numerics import autocast
 from kdbackdoor.registry import Registry
-from kdbackdoor.runtime import Seed, autocast
+from kdbackdoor.runtime import Seed
 
 OUTLIER_MADS = 3.5
 """Default flag rule: a score above median + 3.5 robust standard deviations (1.4826·MAD)."""

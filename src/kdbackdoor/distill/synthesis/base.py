@@ -73,7 +73,7 @@ class Synthesizer(ABC):
         self.context = context
 
     @abstractmethod
-    def synthesize(self) -> float:
+    def synthesize(self) -> torch.Tensor:
         """Run one synthesis round; return its final loss."""
 
     @abstractmethod
