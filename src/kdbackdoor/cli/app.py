@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from kdbackdoor.cli.options import CHANNELS_LAST, COMPILE_MODELS, PRECISION
 from kdbackdoor.errors import KDBackdoorError
 
 app = typer.Typer(
@@ -17,6 +18,20 @@ app = typer.Typer(
     rich_markup_mode="markdown",  # docstrings rewrap to the terminal instead of keeping their line breaks
 )
 console = Console()
+RUNTIME_OVERRIDES: list[str] = []
+"""``runtime.*=value`` config overrides from the global options given on this command line."""
+
+
+@app.callback()
+def _runtime(precision: Optional[str] = PRECISION, channels_last: Optional[bool] = CHANNELS_LAST,
+             compile_models: Optional[bool] = COMPILE_MODELS) -> None:
+    """Attack, defend and audit knowledge distillation against backdoors."""
+    from kdbackdoor.numerics import PRECISIONS, Numerics, set_numerics
+    if precision is not None and precision not in PRECISIONS:
+        raise KDBackdoorError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    set_numerics(Numerics(precision or "auto", channels_last, bool(compile_models)))
+    given = {"precision": precision, "channels_last": channels_last, "compile": compile_models}
+    RUNTIME_OVERRIDES[:] = [f"runtime.{key}={str(value).lower()}" for key, value in given.items() if value is not None]
 err_console = Console(stderr=True, soft_wrap=True)  # errors stay on one line
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from kdbackdoor.cli.app import app, console
+from kdbackdoor.cli.app import RUNTIME_OVERRIDES, app, console
 from kdbackdoor.cli.options import DEVICE, OVERRIDES, PROGRESS, RESULTS
 from kdbackdoor.cli.summaries import run_summary
 
@@ -35,7 +35,7 @@ def run_cmd(
     from kdbackdoor.experiment.index import record_row, update_index
     from kdbackdoor.experiment.runner import RUNS_DIR, preflight, run_dir, run_experiment
 
-    experiment = load_config(config, overrides or [])
+    experiment = load_config(config, [*RUNTIME_OVERRIDES, *(overrides or [])])
     folder = run_dir(results, experiment)
     if dry_run:
         preflight(experiment)
@@ -78,7 +78,7 @@ def sweep_cmd(
     from kdbackdoor.experiment.runner import is_complete, preflight, run_dir
     from kdbackdoor.experiment.sweep import load_sweep, run_sweep
 
-    spec, runs = load_sweep(sweep, overrides or [])
+    spec, runs = load_sweep(sweep, [*RUNTIME_OVERRIDES, *(overrides or [])])
     if dry_run:
         for run in runs:
             preflight(run.config)

@@ -37,3 +37,12 @@ RESULTS = typer.Option(Path("runs/results"), help="results folder: runs/<run_id>
 OVERRIDES = typer.Argument(None, help="KEY=VALUE changes on dotted config keys, e.g. distill.kd.kd_lambda=1 "
                            "poison.trigger=badnets-square:size=4 (values are YAML: 0.5, true, null, [1, 2])",
                            show_default=False)
+
+# How every command computes (the ``runtime`` section of an experiment config): given before the
+# command, e.g. ``kdbackdoor --precision fp32 train-teacher ...``; unset, configs keep their own.
+PRECISION = typer.Option(None, "--precision", help="auto (bf16 where the device computes it natively: CUDA, "
+                         "AVX-512 BF16 CPUs; else fp32) | fp32 | bf16 | fp16 (with a dynamic loss scale)")
+CHANNELS_LAST = typer.Option(None, "--channels-last/--no-channels-last", help="convolution weights and batches "
+                             "in NHWC order (default: on)")
+COMPILE_MODELS = typer.Option(None, "--compile/--no-compile", help="torch.compile the models' forward passes "
+                              "(default: off; minutes of compilation, for long runs)")

@@ -33,6 +33,7 @@ from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
 from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
 from kdbackdoor.distill.losses import KDConfig
 from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.numerics import Numerics
 from kdbackdoor.runtime import Seed
 from kdbackdoor.training import TrainConfig
 
@@ -47,7 +48,7 @@ DEFENSES = {"none": DISTILL_METHODS, "abd": (*DATA_FREE_METHODS, "ood"), "sv": (
 TRACKERS = ("none", "tensorboard", "mlflow")
 
 # Fields that label a run or choose where it runs, not what it computes: not hashed.
-UNHASHED = ("name", "device", "tracking")
+UNHASHED = ("name", "device", "runtime", "tracking")
 _EMBEDDED_SEEDS = {"teacher": {"train": {"seed"}, "backdoor": {"seed"}},
                    "distill": {"train": {"seed"}, "vaccine": {"seed"}, "retrospection": {"seed"}}}
 # defense -> the settings sections it reads
@@ -172,6 +173,21 @@ class TrackingSection(_Section):
                                "(default: RESULTS/tensorboard or RESULTS/mlruns)")
 
 
+class RuntimeSection(_Section):
+    """How the run computes (not what): precision, memory layout, compilation. Not part of the
+    run's identity, so a kit resumed on another machine continues the same runs; the record
+    says what was used (``environment.numerics``)."""
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the device computes it natively (CUDA, AVX-512 BF16 CPUs), else "
+        "fp32; fp16 trains with a dynamic loss scale")
+    channels_last: bool = Field(True, description="store convolution weights and batches channels-last (NHWC)")
+    compile: bool = Field(False, description="torch.compile the models' forward (minutes of compilation; long runs)")
+
+    def numerics(self) -> Numerics:
+        return Numerics(self.precision, self.channels_last, self.compile)
+
+
 class ExperimentConfig(_Section):
     """A whole experiment, from data to evaluation."""
 
@@ -184,6 +200,7 @@ class ExperimentConfig(_Section):
     distill: DistillSection = Field(default_factory=DistillSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
 
     @field_validator("teacher", "distill")
     @classmethod

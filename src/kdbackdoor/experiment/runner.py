@@ -35,6 +35,7 @@ from kdbackdoor.experiment.distillation import check_available, distill_student
 from kdbackdoor.experiment.stages import poison_stage, teacher_stage, transfer_seed
 from kdbackdoor.experiment.tracking import check_tracking, track_run
 from kdbackdoor.run_record import upgrade_fields
+from kdbackdoor.numerics import use_numerics
 from kdbackdoor.runtime import cpu_generator, select_device
 
 log = logging.getLogger("kdbackdoor.experiment")
@@ -156,7 +157,8 @@ def run_experiment(config: ExperimentConfig, results: str | Path, *, label: dict
         log.setLevel(logging.INFO)
         try:
             log.info("run %s (%s) started", config.run_id(), config.name)
-            record = _execute(config, results, folder, label or {}, sweep, progress)
+            with use_numerics(config.runtime.numerics()):
+                record = _execute(config, results, folder, label or {}, sweep, progress)
             log.info("run %s complete: ACC %.4f%s", config.run_id(), record["metrics"]["acc"],
                      f", ASR {record['metrics']['asr']:.4f}" if "asr" in record["metrics"] else "")
             return record

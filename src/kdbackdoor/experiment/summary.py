@@ -33,7 +33,7 @@ METRIC_TITLES = {"acc": "ACC", "asr": "ASR", "target_without_trigger": "target w
                  "teacher_acc": "teacher ACC", "teacher_asr": "teacher ASR",
                  "baseline_acc": "unpoisoned ACC", "baseline_asr": "unpoisoned ASR"}
 # Config keys that are replicates or bookkeeping, not conditions.
-NOT_CONDITIONS = re.compile(r"^(seed|name|device|tracking\..*|(teacher|poison|distill)\.seed)$")
+NOT_CONDITIONS = re.compile(r"^(seed|name|device|tracking\..*|runtime\..*|(teacher|poison|distill)\.seed)$")
 ATTACK_FACTORS = {"distill.kd.kd_lambda": "λ", "poison.method": "manipulation method",
                   "poison.rate": "poison rate", "poison.trigger": "trigger"}
 # ABD's columns, in its order; `dataset` is distillation on the clean training data (its reference).
