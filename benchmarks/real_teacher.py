@@ -12,7 +12,7 @@ recorded:
   5. scan           Neural Cleanse + STRIP on the teacher, with the grid as the known trigger
 Then what one image costs at 64 px and at 224 px on the device (inference and a training step).
 
---scale cpu (default) is sized for about 25 minutes on one CPU thread and is small (few images,
+--scale cpu (default) is sized for about 10 minutes on one idle CPU thread and is small (few images,
 few epochs): its accuracies say that the pipeline runs at this resolution, not what the recipe
 reaches. --scale gpu is the same pipeline on all ten classes and the full splits, with more
 epochs, e.g. on a CUDA machine:
@@ -38,8 +38,8 @@ from common import SHARED, machine, variant_suffix, write_results
 
 DEFAULT_OUT = "runs/bench-real-teacher"
 SCALES = {
-    "cpu": dict(classes=10, train_per_class=200, test_per_class=50, teacher_epochs=8, student_epochs=8,
-                scan_subset=100, scan_steps=40, poison_threshold=0.5),
+    "cpu": dict(classes=10, train_per_class=100, test_per_class=30, teacher_epochs=6, student_epochs=6,
+                scan_subset=60, scan_steps=30, poison_threshold=0.5),
     "smoke": dict(classes=3, train_per_class=20, test_per_class=10, teacher_epochs=1, student_epochs=1,
                   scan_subset=20, scan_steps=5, poison_threshold=0.01),
     "gpu": dict(classes=10, train_per_class=5000, test_per_class=1000, teacher_epochs=40, student_epochs=40,
