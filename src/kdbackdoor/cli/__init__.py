@@ -11,6 +11,7 @@ from kdbackdoor.cli import evaluate  # noqa: F401
 from kdbackdoor.cli import attack  # noqa: F401
 from kdbackdoor.cli import distill  # noqa: F401
 from kdbackdoor.cli import audit  # noqa: F401
+from kdbackdoor.cli import importing  # noqa: F401
 from kdbackdoor.cli import catalog  # noqa: F401
 from kdbackdoor.cli import experiments  # noqa: F401
 from kdbackdoor.cli.app import app, main

@@ -9,8 +9,9 @@ import typer
 
 from kdbackdoor.attacks.engines import describe_engines
 from kdbackdoor.cli.app import app, console
-from kdbackdoor.cli.common import int_list, load_data, load_teacher, make_trigger, pixel_value, start_run, validated
+from kdbackdoor.cli.common import int_list, load_data, load_teacher, make_trigger, model_source, pixel_value, start_run, validated
 from kdbackdoor.cli.options import DATASET_HELP, DATA_DIR, DETERMINISTIC, DEVICE, PROGRESS, RESIZE, SEED
+from kdbackdoor.cli.options import MODEL_ARCH, MODEL_INPUT_SIZE, MODEL_MEAN, MODEL_NUM_CLASSES, MODEL_STD
 from kdbackdoor.data.sources import dataset_record
 from kdbackdoor.errors import KDBackdoorError
 
@@ -18,6 +19,11 @@ from kdbackdoor.errors import KDBackdoorError
 @app.command("poison-distill")
 def poison_distill_cmd(
     teacher: Path = typer.Option(..., help="the clean teacher the distillation will use (checkpoint or its folder)"),
+    arch: Optional[str] = MODEL_ARCH,
+    num_classes: Optional[int] = MODEL_NUM_CLASSES,
+    input_size: Optional[str] = MODEL_INPUT_SIZE,
+    mean: Optional[str] = MODEL_MEAN,
+    std: Optional[str] = MODEL_STD,
     out: Path = typer.Option(..., help="new folder: poisoned.npz, manifest.json, poisons.png"),
     dataset: str = typer.Option("digits", help="distillation data set: " + DATASET_HELP),
     split: str = typer.Option("train"),
@@ -90,7 +96,7 @@ def poison_distill_cmd(
     engine = build_engine(method, generator_model=gen_model, **engine_params)  # checks the options before any work
     check_engine(engine, config)
     start_run(out, resume, deterministic)
-    model, sidecar = load_teacher(teacher, dev)
+    model, sidecar = load_teacher(teacher, dev, model_source(arch, num_classes, input_size, mean, std))
     data = load_data(dataset, split, data_dir, resize, progress)
     if subset is not None and subset < len(data):
         import torch

@@ -9,8 +9,9 @@ import typer
 from rich.table import Table
 
 from kdbackdoor.cli.app import app, console
-from kdbackdoor.cli.common import load_data, load_model, load_teacher, make_trigger, model_dir, pixel_value, validated
+from kdbackdoor.cli.common import load_data, load_model, load_teacher, make_trigger, model_dir, model_source, pixel_value, validated
 from kdbackdoor.cli.options import DATASET_HELP, DATA_DIR, DEVICE, PROGRESS, RESIZE, SEED
+from kdbackdoor.cli.options import MODEL_ARCH, MODEL_INPUT_SIZE, MODEL_MEAN, MODEL_NUM_CLASSES, MODEL_STD
 from kdbackdoor.data.sources import dataset_record
 from kdbackdoor.errors import KDBackdoorError
 
@@ -18,6 +19,11 @@ from kdbackdoor.errors import KDBackdoorError
 @app.command("audit-data")
 def audit_data_cmd(
     teacher: Path = typer.Option(..., help="the teacher the set will be distilled from (checkpoint or its folder)"),
+    arch: Optional[str] = MODEL_ARCH,
+    num_classes: Optional[int] = MODEL_NUM_CLASSES,
+    input_size: Optional[str] = MODEL_INPUT_SIZE,
+    mean: Optional[str] = MODEL_MEAN,
+    std: Optional[str] = MODEL_STD,
     data: str = typer.Option(..., help="the distillation set: a poisoned-set folder (from poison-distill) or a "
                              + DATASET_HELP),
     out: Path = typer.Option(..., help="new folder: scores.csv, audit.json (and cleaned/ with --remove)"),
@@ -64,7 +70,7 @@ def audit_data_cmd(
     if not chosen:
         raise KDBackdoorError(f"--filters {filters!r} names no filter; available: {', '.join(available_filters())}")
     dev = select_device(device)
-    model, sidecar = load_teacher(teacher, dev)
+    model, sidecar = load_teacher(teacher, dev, model_source(arch, num_classes, input_size, mean, std))
     if is_poisoned_set(data):
         dataset, manifest = load_poisoned_set(data)
     else:
@@ -137,6 +143,11 @@ def _audit_table(report: dict) -> Table:
 @app.command("scan")
 def scan_cmd(
     model: Path = typer.Option(..., help="the model to scan (student or teacher): checkpoint or its folder"),
+    arch: Optional[str] = MODEL_ARCH,
+    num_classes: Optional[int] = MODEL_NUM_CLASSES,
+    input_size: Optional[str] = MODEL_INPUT_SIZE,
+    mean: Optional[str] = MODEL_MEAN,
+    std: Optional[str] = MODEL_STD,
     data: str = typer.Option(..., help="clean images to scan with (labels used, provenance never): " + DATASET_HELP),
     split: str = typer.Option("test"),
     subset: int = typer.Option(1000, min=0, help="scan a seeded subset of this many images (0: all)"),
@@ -187,7 +198,7 @@ def scan_cmd(
     if subset and subset < len(dataset):
         rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:subset].sort()[0]
         dataset = dataset.subset(rows, name=f"{dataset.name}[subset {subset}]")
-    net = load_model(model, dev, dataset)
+    net = load_model(model, dev, dataset, model_source(arch, num_classes, input_size, mean, std))
     trig = make_trigger(trigger, dataset.image_shape, seed) if trigger else None
     started = time.perf_counter()
     report = scan_model(net, dataset, config, trigger=trig, strip_blends=strip_blends, strip_alpha=strip_alpha,

@@ -58,7 +58,13 @@ def datasets_cmd() -> None:
 
 @app.command("models")
 def models_cmd() -> None:
-    """List the architectures."""
+    """List the architectures, the input size and normalisation they default to, and the foreign
+    weight namings (besides kdbackdoor's own) that load onto them."""
     from kdbackdoor.models import available_architectures
+    from kdbackdoor.models.registry import arch_spec
     for name in available_architectures():
-        console.print(name)
+        spec = arch_spec(name)
+        norm = "ImageNet" if spec.mean and tuple(round(v, 3) for v in spec.mean) == (0.485, 0.456, 0.406) else "0.5"
+        namings = ", ".join(n.name for n in spec.namings)
+        console.print(f"{name:20} {spec.input_size[0]}x{spec.input_size[1]} px, normalisation {norm}"
+                      + (f"; loads {namings} weights" if namings else ""), highlight=False, soft_wrap=True)

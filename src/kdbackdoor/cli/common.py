@@ -19,19 +19,61 @@ def make_trigger(spec: str, image_shape: tuple[int, int, int], seed: int):
     return build_trigger(spec, image_shape=image_shape, seed=seed)
 
 
-def load_teacher(path: Path, device):
+def _floats(text: Optional[str], option: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise KDBackdoorError(f"{option}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _size(text: Optional[str]) -> Optional[tuple[int, int]]:
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    try:
+        sides = [int(part) for part in parts]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides) < 1:
+        raise KDBackdoorError(f"--input-size: expected N or HxW in px, got {text!r}")
+    return (sides[0], sides[-1])
+
+
+def model_source(arch: Optional[str], num_classes: Optional[int], input_size: Optional[str], mean: Optional[str],
+                 std: Optional[str]) -> dict:
+    """``load_checkpoint`` keyword arguments from the model-source options (--arch, --num-classes,
+    --input-size, --mean, --std)."""
+    return {"arch": arch, "num_classes": num_classes, "input_size": _size(input_size),
+            "mean": _floats(mean, "--mean"), "std": _floats(std, "--std")}
+
+
+def load_teacher(path: Path, device, source: Optional[dict] = None):
+    """(model, sidecar) for any model source; a foreign one is described on stderr."""
     from kdbackdoor.models import load_checkpoint
-    return load_checkpoint(path, device=device)
+    model, sidecar = load_checkpoint(path, device=device, **(source or {}))
+    imported = sidecar.get("source")
+    if imported:
+        from kdbackdoor.cli.app import err_console
+        height, width = sidecar["input_size"]
+        err_console.print(f"{path}: {sidecar['arch']}, {sidecar['num_classes']} classes, {height}x{width} px, "
+                          f"{imported['naming']} names, normalisation: {imported['normalisation']}", highlight=False)
+    return model, sidecar
 
 
-def load_model(path: Path, device, data):
-    from kdbackdoor.models import check_compatible, load_checkpoint
-    model, _ = load_checkpoint(path, device=device)
+def load_model(path: Path, device, data, source: Optional[dict] = None):
+    from kdbackdoor.models import check_compatible
+    model, _ = load_teacher(path, device, source)
     check_compatible(model, data)
     return model
 
 
 def model_dir(path: Path) -> Path:
+    """The folder that files about a model go beside: its own, or the current one for a hub model."""
+    from kdbackdoor.models.hub import HUB_PREFIX
+    if str(path).startswith(HUB_PREFIX):
+        return Path(".")
     return path if path.is_dir() else path.parent
 
 

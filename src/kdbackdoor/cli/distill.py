@@ -8,11 +8,12 @@ from typing import Optional
 import typer
 
 from kdbackdoor.cli.app import app, console
-from kdbackdoor.cli.common import (load_data, load_teacher, make_trigger, optional_path, pixel_value, start_run,
+from kdbackdoor.cli.common import (load_data, load_teacher, make_trigger, model_source, optional_path, pixel_value, start_run,
                                   train_config, validated)
 from kdbackdoor.cli.options import (BATCH_SIZE, COMPILE, CROP_PADDING, DATASET_HELP, DATA_DIR, DETERMINISTIC, DEVICE,
                                    EPOCHS, EVAL_EVERY, HFLIP, LABEL_SMOOTHING, LR, PROGRESS, RESIZE, RESUME, SCHEDULE,
                                    SEED, WEIGHT_DECAY)
+from kdbackdoor.cli.options import MODEL_ARCH, MODEL_INPUT_SIZE, MODEL_MEAN, MODEL_NUM_CLASSES, MODEL_STD
 from kdbackdoor.cli.summaries import run_summary
 from kdbackdoor.data.sources import dataset_record
 from kdbackdoor.distill.data_free import METHODS as DATA_FREE_METHODS
@@ -25,6 +26,11 @@ DATA_FREE = "Data-free (--method zskt | dfad | deepinversion | cmi)"
 @app.command("distill")
 def distill_cmd(
     teacher: Path = typer.Option(..., help="teacher checkpoint (or its folder)"),
+    arch: Optional[str] = MODEL_ARCH,
+    num_classes: Optional[int] = MODEL_NUM_CLASSES,
+    input_size: Optional[str] = MODEL_INPUT_SIZE,
+    mean: Optional[str] = MODEL_MEAN,
+    std: Optional[str] = MODEL_STD,
     out: Path = typer.Option(..., help="output folder: model.safetensors + model.json, metrics.json, baseline/"),
     data: str = typer.Option("digits", help="distillation data: a poisoned-set folder (from poison-distill) "
                              "or a " + DATASET_HELP),
@@ -168,8 +174,9 @@ def distill_cmd(
         start_run(out, resume, deterministic)
         data_free_defense = _data_free_defense(defense, sv_coefficient, sv_copies, sv_layers, sv_tail_test, sr_rounds,
                                                sr_portion, sr_start, sr_phase_lr, sr_perturb_model, seed)
-        _distill_data_free(teacher, student_arch, data_free_config, data_free_defense, test_data, data_dir, resize,
-                           trigger, target, evaluate_teacher, out, device, resume, progress)
+        _distill_data_free(teacher, model_source(arch, num_classes, input_size, mean, std), student_arch,
+                           data_free_config, data_free_defense, test_data, data_dir, resize, trigger, target,
+                           evaluate_teacher, out, device, resume, progress)
         return
     if method not in ("dataset", "ood"):
         raise KDBackdoorError(f"unknown --method {method!r}; use dataset, ood, {', '.join(DATA_FREE_METHODS)}")
@@ -188,7 +195,7 @@ def distill_cmd(
                      if uses_retrospection else None)
     dev = select_device(device)
     start_run(out, resume, deterministic)
-    model, sidecar = load_teacher(teacher, dev)
+    model, sidecar = load_teacher(teacher, dev, model_source(arch, num_classes, input_size, mean, std))
     teacher_meta = sidecar.get("metadata") or {}
     manifest = None
     if is_poisoned_set(data):
@@ -227,13 +234,13 @@ def _teacher_dataset(path: Path, teacher_meta: dict) -> dict:
     return teacher_meta["dataset"]
 
 
-def _distill_data_free(teacher, student_arch, config, defense, test_data, data_dir, resize, trigger, target,
+def _distill_data_free(teacher, source, student_arch, config, defense, test_data, data_dir, resize, trigger, target,
                        evaluate_teacher, out, device, resume, progress) -> None:
     """`distill` with a data-free method: no training data; tested on --test-data or the teacher's data set."""
     from kdbackdoor.distill.data_free import distill_data_free
     from kdbackdoor.runtime import select_device
     dev = select_device(device)
-    model, sidecar = load_teacher(teacher, dev)
+    model, sidecar = load_teacher(teacher, dev, source)
     teacher_meta = sidecar.get("metadata") or {}
     test_record = dataset_record(test_data, data_dir, resize) if test_data else _teacher_dataset(teacher, teacher_meta)
     test = load_data(test_record["spec"], "test", optional_path(test_record.get("data_dir")),

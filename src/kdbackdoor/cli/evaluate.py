@@ -10,15 +10,21 @@ import typer
 from rich.table import Table
 
 from kdbackdoor.cli.app import app, console, err_console
-from kdbackdoor.cli.common import load_data, make_trigger, model_dir
+from kdbackdoor.cli.common import load_data, load_teacher, make_trigger, model_dir, model_source
 from kdbackdoor.cli.options import DATASET_HELP, DATA_DIR, DEVICE, RESIZE
+from kdbackdoor.cli.options import MODEL_ARCH, MODEL_INPUT_SIZE, MODEL_MEAN, MODEL_NUM_CLASSES, MODEL_STD
 from kdbackdoor.cli.summaries import run_summary
 from kdbackdoor.errors import KDBackdoorError
 
 
 @app.command("evaluate")
 def evaluate_cmd(
-    model: Path = typer.Option(..., help="checkpoint: .safetensors (+ .json sidecar), its folder, or a .pt state dict"),
+    model: Path = typer.Option(..., help="checkpoint: .safetensors (+ .json sidecar) or its folder; bare .safetensors/.pt/.pth weights (with --arch, --num-classes); a timm-layout folder; hf:OWNER/REPO[@REVISION]"),
+    arch: Optional[str] = MODEL_ARCH,
+    num_classes: Optional[int] = MODEL_NUM_CLASSES,
+    input_size: Optional[str] = MODEL_INPUT_SIZE,
+    mean: Optional[str] = MODEL_MEAN,
+    std: Optional[str] = MODEL_STD,
     dataset: Optional[str] = typer.Option(None, help=DATASET_HELP + " (default: the checkpoint's data set)"),
     split: str = typer.Option("test"),
     data_dir: Optional[Path] = DATA_DIR,
@@ -37,12 +43,11 @@ def evaluate_cmd(
     """
     from kdbackdoor.atomic import write_json
     from kdbackdoor.evaluate import model_metrics
-    from kdbackdoor.models import load_checkpoint
     from kdbackdoor.runtime import select_device
     from kdbackdoor.triggers import build_trigger
 
     dev = select_device(device)
-    net, sidecar = load_checkpoint(model, device=dev)
+    net, sidecar = load_teacher(model, dev, model_source(arch, num_classes, input_size, mean, std))
     meta = sidecar.get("metadata") or {}
     recorded = meta.get("dataset") or {}
     if dataset is None:

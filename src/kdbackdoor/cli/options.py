@@ -46,3 +46,16 @@ CHANNELS_LAST = typer.Option(None, "--channels-last/--no-channels-last", help="c
                              "in NHWC order (default: on)")
 COMPILE_MODELS = typer.Option(None, "--compile/--no-compile", help="torch.compile the models' forward passes "
                               "(default: off; minutes of compilation, for long runs)")
+
+# How to read a model given as bare weights (a .safetensors/.pt/.pth state dict without a kdbackdoor
+# sidecar, e.g. from torchvision, timm or a data-free KD code base); for a kdbackdoor checkpoint, a
+# timm-layout folder or hf:OWNER/REPO they are expectations checked against what it declares.
+MODEL_ARCH = typer.Option(None, "--arch", help="architecture of bare foreign weights, e.g. wrn-16-2, "
+                          "resnet18-imagenet, mobilenet-v2 (see `kdbackdoor models`); their key names are "
+                          "matched against the namings it accepts")
+MODEL_NUM_CLASSES = typer.Option(None, "--num-classes", min=1, help="class count of bare foreign weights")
+MODEL_INPUT_SIZE = typer.Option(None, "--input-size", help="input side the weights were trained at: N or HxW px "
+                                "(default: the source's, e.g. 224 for torchvision, 32 for CIFAR code bases)")
+MODEL_MEAN = typer.Option(None, "--mean", help="per-channel normalisation mean in pixel [0, 1] space, "
+                          "comma-separated, e.g. 0.485,0.456,0.406 (default: the source's)")
+MODEL_STD = typer.Option(None, "--std", help="per-channel normalisation std, comma-separated (with --mean)")

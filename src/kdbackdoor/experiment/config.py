@@ -80,8 +80,16 @@ class TeacherBackdoor(PoisonConfig):
 class TeacherSection(_Section):
     """Train a teacher (cached by its config) or load one (``checkpoint``)."""
 
-    checkpoint: Optional[str] = Field(None, description="load this checkpoint instead of training one")
-    arch: str = Field("small-cnn", description="architecture (see `kdbackdoor models`)")
+    checkpoint: Optional[str] = Field(None, description="load this model instead of training one: a kdbackdoor "
+                                      "checkpoint, bare .safetensors/.pt/.pth weights (with arch and num_classes), "
+                                      "a timm-layout folder or hf:OWNER/REPO[@REVISION]")
+    arch: str = Field("small-cnn", description="architecture (see `kdbackdoor models`); for a checkpoint, given "
+                      "only to read bare weights or to check it")
+    num_classes: Optional[int] = Field(None, ge=1, description="class count of bare checkpoint weights")
+    input_size: Optional[list[int]] = Field(None, min_length=2, max_length=2,
+                                            description="[H, W] the checkpoint was trained at (default: its source's)")
+    mean: Optional[list[float]] = Field(None, description="checkpoint normalisation mean, pixel [0, 1] space")
+    std: Optional[list[float]] = Field(None, description="checkpoint normalisation std")
     train: TrainConfig = Field(default_factory=TrainConfig)
     backdoor: Optional[TeacherBackdoor] = Field(None, description="null trains a clean teacher")
     adv_model: Optional[str] = Field(None, description="clean model for the clean-label trigger's PGD step")

@@ -115,8 +115,12 @@ def teacher_stage(config: ExperimentConfig, cache: Path, train: Callable[[], Ima
     section = config.teacher
     if section.checkpoint is not None:
         started = time.perf_counter()
-        model, sidecar = load_checkpoint(section.checkpoint, device=device)
-        info = StageInfo("teacher", "file:" + str(sidecar.get("weights_sha256", ""))[:KEY_LENGTH],
+        model, sidecar = load_checkpoint(
+            section.checkpoint, device=device, arch=section.arch if "arch" in section.model_fields_set else None,
+            num_classes=section.num_classes, input_size=tuple(section.input_size) if section.input_size else None,
+            mean=section.mean, std=section.std)
+        sha256 = sidecar.get("weights_sha256") or (sidecar.get("source") or {}).get("sha256", "")
+        info = StageInfo("teacher", "file:" + str(sha256)[:KEY_LENGTH],
                          section.checkpoint, True, time.perf_counter() - started)
         return model.eval(), sidecar.get("metadata") or {}, info
 
