@@ -48,7 +48,7 @@ from kdbackdoor.distill.hooks import DistillDefense
 from kdbackdoor.distill.losses import KDConfig, kd_loss, precompute_logits
 from kdbackdoor.distill.synthesis import ContrastiveInversion
 from kdbackdoor.models import build_model
-from kdbackdoor.numerics import autocast, to_layout
+from kdbackdoor.numerics import autocast, layout, to_layout
 from kdbackdoor.runtime import select_device, set_cpu_threads
 from kdbackdoor.training import TrainConfig, make_optimizer
 from kdbackdoor.triggers import build_trigger
@@ -228,12 +228,13 @@ def pgd_bare_steps_per_s(teacher: torch.nn.Module, batch: int, image_shape: tupl
                          device: torch.device) -> float:
     """Image-steps/s of ``steps`` bare teacher forward+backward passes (gradient to the input)
     on one pre-made batch: what PGD cannot avoid doing."""
-    x = torch.rand(batch, *image_shape, device=device, requires_grad=True)
+    x = layout(torch.rand(batch, *image_shape, device=device)).requires_grad_(True)
     y = torch.zeros(batch, dtype=torch.int64, device=device)
 
     def run() -> None:
         for _ in range(steps):
-            loss = torch.nn.functional.cross_entropy(teacher(x), y, reduction="sum")
+            with autocast(device):  # the precision crafting runs the teacher in
+                loss = torch.nn.functional.cross_entropy(teacher(x), y, reduction="sum")
             torch.autograd.grad(loss, x)
     return steps * batch / timed(run, device)
 

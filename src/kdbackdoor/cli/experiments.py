@@ -63,6 +63,8 @@ def sweep_cmd(
                                           "local instance)"),
     cpus_per_run: float = typer.Option(1.0, help="Ray: CPUs reserved per run"),
     gpus_per_run: float = typer.Option(0.0, help="Ray: GPUs reserved per run (1: one GPU per run)"),
+    scale: Optional[str] = typer.Option(None, help="one of the sweep file's named scales (e.g. smoke: the same "
+                                        "graph at minutes-on-a-CPU sizes); default: the file as written"),
     dry_run: bool = typer.Option(False, help="validate and list the runs, run nothing"),
     progress: bool = PROGRESS,
 ) -> None:
@@ -78,7 +80,7 @@ def sweep_cmd(
     from kdbackdoor.experiment.runner import is_complete, preflight, run_dir
     from kdbackdoor.experiment.sweep import load_sweep, run_sweep
 
-    spec, runs = load_sweep(sweep, [*RUNTIME_OVERRIDES, *(overrides or [])])
+    spec, runs = load_sweep(sweep, [*RUNTIME_OVERRIDES, *(overrides or [])], scale)
     if dry_run:
         for run in runs:
             preflight(run.config)
