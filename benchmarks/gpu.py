@@ -45,16 +45,16 @@ from kdbackdoor.runtime import select_device, set_cpu_threads
 
 FULL = dict(archs=[("wrn-16-2", 512), ("wrn-16-1", 512), ("resnet18", 256)], steps=30, rounds=3, kd_images=20000,
             batch=512, pgd_poisons=2048, pgd_steps=20, zskt_batch=128, zskt_student_steps=10, zskt_iterations=5,
-            packed=[1, 4], packed_seconds=12.0, teacher_epochs=40, teacher_batch=512, teacher_lr=0.4,
-            quality_teacher_epochs=8, quality_student_epochs=4, compile_arch=("wrn-16-2", 512), test_images=10000)
+            packed=[1, 4], packed_seconds=12.0, teacher_epochs=35, teacher_batch=512, teacher_lr=0.4,
+            quality_teacher_epochs=6, quality_student_epochs=3, compile_arch=("wrn-16-2", 512), test_images=10000)
 SMOKE = dict(archs=[("small-cnn", 16)], steps=2, rounds=1, kd_images=64, batch=16, pgd_poisons=8, pgd_steps=2,
              zskt_batch=8, zskt_student_steps=2, zskt_iterations=1, packed=[1, 2], packed_seconds=0.5,
              teacher_epochs=1, teacher_batch=32, teacher_lr=0.05, quality_teacher_epochs=1,
              quality_student_epochs=1, compile_arch=None, test_images=64)
 # share of the whole budget each section may use at most (the rest of a section's share is not
 # carried over: a section ends early, the next one starts early)
-SHARES = {"precision": 0.08, "hot_paths_bf16": 0.10, "hot_paths_fp32": 0.08, "zskt": 0.08, "packed": 0.10,
-          "teacher": 0.34, "quality": 0.25, "compile": 0.12}
+SHARES = {"precision": 0.07, "hot_paths_bf16": 0.09, "hot_paths_fp32": 0.07, "zskt": 0.07, "packed": 0.10,
+          "teacher": 0.42, "quality": 0.25, "compile": 0.12}
 MODELS_SMOKE = {"teacher": "small-cnn", "student": "small-cnn"}
 MODELS_FULL = {"teacher": "wrn-16-2", "student": "wrn-16-1"}
 
@@ -67,11 +67,14 @@ def load_cifar10(limit_train: int | None, limit_test: int | None):
     from kdbackdoor.data.sources import load_dataset
     train = load_dataset(f"imagefolder:{folder}", "train", progress=False)
     test = load_dataset(f"imagefolder:{folder}", "test", progress=False)
-    if limit_train:
-        train = train.subset(torch.arange(min(len(train), limit_train)))
-    if limit_test:
-        test = test.subset(torch.arange(min(len(test), limit_test)))
-    return train, test
+    return seeded_subset(train, limit_train), seeded_subset(test, limit_test)
+
+
+def seeded_subset(data, count: int | None):
+    """``count`` rows drawn with seed 0 (all classes: image folders list their classes in order)."""
+    if not count or count >= len(data):
+        return data
+    return data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:count])
 
 
 def random_images(count: int):
@@ -135,7 +138,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> Report:
             traceback.print_exc()
         report.write("running")
 
-    loaded = load_cifar10(None, sizes["test_images"]) if not args.smoke else None
+    loaded = load_cifar10(sizes["kd_images"] if args.smoke else None, sizes["test_images"]) \
+        if not args.smoke or args.real_data else None
     train, test = loaded if loaded else (random_images(max(sizes["kd_images"], 256)), random_images(256))
     report.data["data"] = {"name": train.name, "train_images": len(train), "test_images": len(test),
                            "real": loaded is not None}
@@ -190,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds past the budget after which the process writes its results and exits")
     parser.add_argument("--smoke", action="store_true", help="CPU-sized smoke run (seconds; numbers mean nothing)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--real-data", action="store_true", help="with --smoke: CIFAR-10 from ../shared too")
     parser.add_argument("--results", default=str(RESULTS), help="folder of the results files")
     parser.add_argument("--name", default=None, help="results file name (default gpu, or gpu_smoke with --smoke)")
     args = parser.parse_args(argv)

@@ -125,8 +125,9 @@ def hot_paths(teacher_arch: str, student_arch: str, data, kd_images: int, batch:
                              mm_size=4096 if device.type == "cuda" else 256)
     torch.manual_seed(0)
     teacher = to_layout(build_model(teacher_arch, 10, 3, (32, 32)).to(device)).eval()
-    subset = data.subset(torch.arange(min(len(data), kd_images)))
-    test = data.subset(torch.arange(min(len(data), 1024)), name="timing-test")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))  # every class, not the first
+    subset = data.subset(order[:kd_images])
+    test = data.subset(order[:1024], name="timing-test")
     out = {"numerics": numerics_record(device)}
     deadline.check()
     kd = performance.kd_benchmark(teacher, subset, test, s, device)
