@@ -14,6 +14,7 @@ from kdbackdoor.cli import audit  # noqa: F401
 from kdbackdoor.cli import importing  # noqa: F401
 from kdbackdoor.cli import catalog  # noqa: F401
 from kdbackdoor.cli import experiments  # noqa: F401
+from kdbackdoor.cli import matrix  # noqa: F401
 from kdbackdoor.cli.app import app, main
 
 __all__ = ["app", "main"]
