@@ -32,8 +32,7 @@ from kdbackdoor.attacks.distill_poisoning import CRAFT_STATE_FILE, DistillPoison
 from kdbackdoor.attacks.engines import build_engine
 from kdbackdoor.data.poisoned_set import load_poisoned_set, save_poisoned_set
 from kdbackdoor.data.sources import load_dataset
-from kdbackdoor.distill.dataset_kd import distill
-from kdbackdoor.distill.record import Backdoor
+from kdbackdoor.distill.dataset_kd import Backdoor, distill
 from kdbackdoor.distill.losses import KDConfig
 from kdbackdoor.models import load_checkpoint
 from kdbackdoor.runtime import select_device
@@ -55,14 +54,16 @@ PLAN = ([("lambda", "pgd", 0.05, 4, lam, False) for lam in (1.0, 0.5, 0.0)]
 ENGINES = {"pgd": {}, "fgsm": {}, "cw": {"steps": 50}}  # CW: half the default Adam steps, for CPU time
 
 
-def poisoned_set(out: Path, teacher, train, method: str, rate: float, size: int, seed: int):
-    """Craft (or reuse, or continue crafting) the poisoned set for one engine / rate / trigger size."""
+def poisoned_set(out: Path, teacher, train, method: str, rate: float, size: int, seed: int,
+                 engine_params: dict | None = None):
+    """Craft (or reuse, or continue crafting) the poisoned set for one engine / rate / trigger size;
+    the engine's settings are ``engine_params`` (default: ``ENGINES[method]``)."""
     folder = out / "sets" / f"{method}-rate{rate}-size{size}"
     if (folder / "manifest.json").exists():
         return load_poisoned_set(folder)
     folder.mkdir(parents=True, exist_ok=True)
     trigger = build_trigger(f"badnets-square:size={size}", image_shape=train.image_shape, seed=seed)
-    engine = build_engine(method, **ENGINES[method])
+    engine = build_engine(method, **(ENGINES[method] if engine_params is None else engine_params))
     started = time.perf_counter()
     data, report = craft_poisoned_set(teacher, train, trigger, engine,
                                       DistillPoisonConfig(target=0, rate=rate, seed=seed), progress=False,

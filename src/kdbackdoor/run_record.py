@@ -23,7 +23,6 @@ import torch
 import kdbackdoor
 from kdbackdoor.digest import sha256_file
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.numerics import numerics_record
 
 RECORD_NAMES = ("metrics.json", "manifest.json")
 """File names a run folder's record may have, in the order ``verify_run`` looks for them."""
@@ -51,8 +50,7 @@ def read_run_record(path: str | os.PathLike) -> dict:
 
 def environment(device: torch.device | str, seed: int) -> dict:
     """Where and how a run ran: library versions, platform, device (with the GPU's name), seed,
-    whether ``torch.use_deterministic_algorithms`` was on, and the precision, layout and
-    compilation used (``numerics``)."""
+    and whether ``torch.use_deterministic_algorithms`` was on."""
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {
@@ -65,7 +63,6 @@ def environment(device: torch.device | str, seed: int) -> dict:
         "device_name": name,
         "seed": seed,
         "deterministic": torch.are_deterministic_algorithms_enabled(),
-        "numerics": numerics_record(device),
     }
 
 

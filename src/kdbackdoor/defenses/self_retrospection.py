@@ -35,7 +35,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from kdbackdoor.defenses.hypergradient import implicit_hypergradient
 from kdbackdoor.distill.hooks import DistillDefense, StudentStep
 from kdbackdoor.models.batchnorm import preserved_batchnorm_statistics
-from kdbackdoor.numerics import autocast
 from kdbackdoor.runtime import Seed, Stopwatch, cpu_generator
 from kdbackdoor.training import add_gradients
 
@@ -92,7 +91,7 @@ class SelfRetrospection(DistillDefense):
         if self.active and self.config.start > 0 and self.config.phase_lr is not None:
             self.phase_progress = (iteration - first) / (total - first)
 
-    def student_step(self, step: StudentStep, images: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor | None:
+    def student_step(self, step: StudentStep, images: torch.Tensor, weights: torch.Tensor | None) -> float | None:
         grads = self.unlearning_gradients(step.student, step.optimizer, images)
         if grads is None:
             return None
@@ -101,7 +100,7 @@ class SelfRetrospection(DistillDefense):
         loss.backward()
         add_gradients([p for p in step.student.parameters() if p.requires_grad], grads)
         step.apply_gradients()
-        return loss.detach()
+        return float(loss.detach())
 
     def extra_gradients(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                         step: int, total: int) -> list[torch.Tensor] | None:
@@ -134,15 +133,13 @@ class SelfRetrospection(DistillDefense):
         """The universal perturbation (1, C, H, W), pixel units, that most changes ``model`` on ``images``."""
         delta = torch.zeros_like(images[:1], requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=self.config.perturbation_lr)
-        # the model's passes autocast; delta, its gradient and Adam's update stay fp32 (see numerics)
-        with torch.no_grad(), autocast(images.device):
+        with torch.no_grad():
             reference = model(images)
         for _ in range(self.config.rounds):
-            with autocast(images.device):
-                loss = -output_change(model(images + delta), reference)
+            loss = -output_change(model(images + delta), reference)
             delta.grad = torch.autograd.grad(loss, delta)[0]  # the model's own gradients stay untouched
             optimizer.step()
-        self.last_change = -loss.detach()  # read when recorded, not here: no wait for the device per step
+        self.last_change = float(-loss.detach())
         return delta.detach()
 
     def _inner_loss(self, student, images, delta) -> torch.Tensor:
@@ -161,8 +158,7 @@ class SelfRetrospection(DistillDefense):
 
     def record(self) -> dict:
         return {"name": self.name, "config": self.config.model_dump(), "steps": self.steps,
-                "last_perturbation_change": float(self.last_change),
-                "seconds_this_run": self.stopwatch.seconds}
+                "last_perturbation_change": self.last_change, "seconds_this_run": self.stopwatch.seconds}
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.get_state(), "steps": self.steps}

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models.backbone import Backbone
 from kdbackdoor.models.classifier import Classifier
-from kdbackdoor.registry import Registry
 
 if TYPE_CHECKING:
     from kdbackdoor.models.naming import Naming
@@ -45,7 +44,7 @@ class ArchSpec:
     namings: tuple["Naming", ...] = field(default=())
 
 
-ARCHITECTURES: Registry[ArchSpec] = Registry("architecture")
+_SPECS: dict[str, ArchSpec] = {}
 
 
 def register(
@@ -56,10 +55,12 @@ def register(
     """Decorator: make the backbone builder available to ``build_model`` as ``name``."""
 
     def decorate(builder: BackboneBuilder) -> BackboneBuilder:
-        ARCHITECTURES.add(name, ArchSpec(
+        if name in _SPECS:
+            raise ValueError(f"architecture {name!r} is registered twice")
+        _SPECS[name] = ArchSpec(
             builder, tuple(input_size), tuple(mean) if mean else None, tuple(std) if std else None,
             min_input_size, min_input_reason, tuple(namings),
-        ))
+        )
         return builder
 
     return decorate
@@ -67,12 +68,16 @@ def register(
 
 def available_architectures() -> list[str]:
     """Registered architecture names, sorted."""
-    return ARCHITECTURES.names()
+    return sorted(_SPECS)
 
 
 def arch_spec(arch: str) -> ArchSpec:
     """The registered description of ``arch``; unknown names raise ``KDBackdoorError``."""
-    return ARCHITECTURES[arch]
+    if arch not in _SPECS:
+        raise KDBackdoorError(
+            f"unknown architecture {arch!r}; known: {', '.join(available_architectures())}"
+        )
+    return _SPECS[arch]
 
 
 def _check_positive_int(what: str, value: object) -> None:

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import torch
 
-from kdbackdoor.distill.synthesis.base import SYNTHESIZERS, PooledSynthesizer, descend
+from kdbackdoor.distill.synthesis.base import PooledSynthesizer, descend
 from kdbackdoor.distill.synthesis.priors import balanced_targets, batchnorm_statistics, centred_l2, total_variation
 from kdbackdoor.distill.synthesis.views import jitter_flip
-from kdbackdoor.numerics import autocast
+from kdbackdoor.runtime import autocast
 
 
-@SYNTHESIZERS.register("deepinversion")
 class DeepInversion(PooledSynthesizer):
     """DeepInversion synthesis into a growing pool."""
 
-    def synthesize(self) -> torch.Tensor:
+    def synthesize(self) -> float:
         ctx, config = self.context, self.context.config
         n = config.synthesis_batch_size
         targets = balanced_targets(n, ctx.num_classes, ctx.rng).to(ctx.device)
@@ -43,4 +42,4 @@ class DeepInversion(PooledSynthesizer):
             with torch.no_grad():
                 images.clamp_(0, 1)
         self._keep(images)
-        return loss.detach()
+        return float(loss.detach())

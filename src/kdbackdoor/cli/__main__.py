@@ -1,5 +1,0 @@
-"""``python -m kdbackdoor.cli``: the command line."""
-
-from kdbackdoor.cli import main
-
-main()
