@@ -36,12 +36,15 @@ from kdbackdoor.data.sources import load_dataset
 from kdbackdoor.defenses.abd import DATA_FREE_DEFENSES, abd_halves, build_data_free_defense
 from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
 from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
-from kdbackdoor.distill.data_free import DataFreeConfig, distill_data_free
-from kdbackdoor.distill.dataset_kd import Backdoor, defense_parts, distill
+from kdbackdoor.distill.data_free import distill_data_free
+from kdbackdoor.distill.data_free_config import DataFreeConfig
+from kdbackdoor.distill.dataset_kd import distill
+from kdbackdoor.distill.record import Backdoor, defense_parts
 from kdbackdoor.distill.losses import KDConfig
 from kdbackdoor.models import build_model, load_checkpoint
 from kdbackdoor.run_record import read_run_record
-from kdbackdoor.runtime import channels_last, select_device
+from kdbackdoor.numerics import to_layout
+from kdbackdoor.runtime import select_device
 from kdbackdoor.training import TrainConfig
 from kdbackdoor.triggers import build_trigger
 
@@ -111,7 +114,7 @@ def report(name: str, record: dict) -> None:
 
 def bare_loop_images_per_s(teacher, student_arch: str, image_shape, batch_size: int, device, steps: int = 20) -> float:
     """Teacher forward + student forward/backward + SGD step on one pre-made batch: the floor."""
-    student = channels_last(build_model(student_arch, num_classes=teacher.num_classes, in_channels=image_shape[0],
+    student = to_layout(build_model(student_arch, num_classes=teacher.num_classes, in_channels=image_shape[0],
                                         input_size=image_shape[1:]).to(device))  # the layout the toolkit trains in
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
     x = torch.rand(batch_size, *image_shape, device=device)

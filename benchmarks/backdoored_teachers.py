@@ -19,8 +19,7 @@ import torch
 
 from common import SHARED, write_results
 from kdbackdoor.attacks.teacher_poisoning import PoisonConfig
-from kdbackdoor.cli import dataset_record
-from kdbackdoor.data.sources import load_dataset
+from kdbackdoor.data.sources import dataset_record, load_dataset
 from kdbackdoor.evaluate import attack_success_rate
 from kdbackdoor.models import load_checkpoint
 from kdbackdoor.runtime import select_device

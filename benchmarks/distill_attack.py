@@ -32,7 +32,8 @@ from kdbackdoor.attacks.distill_poisoning import CRAFT_STATE_FILE, DistillPoison
 from kdbackdoor.attacks.engines import build_engine
 from kdbackdoor.data.poisoned_set import load_poisoned_set, save_poisoned_set
 from kdbackdoor.data.sources import load_dataset
-from kdbackdoor.distill.dataset_kd import Backdoor, distill
+from kdbackdoor.distill.dataset_kd import distill
+from kdbackdoor.distill.record import Backdoor
 from kdbackdoor.distill.losses import KDConfig
 from kdbackdoor.models import load_checkpoint
 from kdbackdoor.runtime import select_device

@@ -32,7 +32,8 @@ from kdbackdoor.defenses.audit import audit_report, remove_flagged, run_filters
 from kdbackdoor.defenses.filters import AuditContext, build_filter
 from kdbackdoor.defenses.filters.base import flag_top_share, score_against_provenance
 from kdbackdoor.defenses.robust_kd import RobustKDConfig
-from kdbackdoor.distill.dataset_kd import Backdoor, distill
+from kdbackdoor.distill.dataset_kd import distill
+from kdbackdoor.distill.record import Backdoor
 from kdbackdoor.distill.losses import KDConfig
 from kdbackdoor.models import load_checkpoint
 from kdbackdoor.runtime import select_device

@@ -48,7 +48,8 @@ from kdbackdoor.distill.hooks import DistillDefense
 from kdbackdoor.distill.losses import KDConfig, kd_loss, precompute_logits
 from kdbackdoor.distill.synthesis import ContrastiveInversion
 from kdbackdoor.models import build_model
-from kdbackdoor.runtime import autocast, channels_last, select_device, set_cpu_threads
+from kdbackdoor.numerics import autocast, layout, to_layout
+from kdbackdoor.runtime import select_device, set_cpu_threads
 from kdbackdoor.training import TrainConfig, make_optimizer
 from kdbackdoor.triggers import build_trigger
 
@@ -133,7 +134,7 @@ def kd_bare_images_per_s(teacher: torch.nn.Module | None, student: torch.nn.Modu
         loss_fn = kd_loss(torch.nn.Identity(), kd, logits)
     else:
         loss_fn = kd_loss(teacher, kd)
-    channels_last(student).train()  # the layout distill() trains in
+    to_layout(student).train()  # the layout distill() trains in
     optimizer = make_optimizer(student, _kd_config(batch, False))
 
     def run() -> None:
@@ -227,12 +228,13 @@ def pgd_bare_steps_per_s(teacher: torch.nn.Module, batch: int, image_shape: tupl
                          device: torch.device) -> float:
     """Image-steps/s of ``steps`` bare teacher forward+backward passes (gradient to the input)
     on one pre-made batch: what PGD cannot avoid doing."""
-    x = torch.rand(batch, *image_shape, device=device, requires_grad=True)
+    x = layout(torch.rand(batch, *image_shape, device=device)).requires_grad_(True)
     y = torch.zeros(batch, dtype=torch.int64, device=device)
 
     def run() -> None:
         for _ in range(steps):
-            loss = torch.nn.functional.cross_entropy(teacher(x), y, reduction="sum")
+            with autocast(device):  # the precision crafting runs the teacher in
+                loss = torch.nn.functional.cross_entropy(teacher(x), y, reduction="sum")
             torch.autograd.grad(loss, x)
     return steps * batch / timed(run, device)
 
@@ -397,7 +399,7 @@ def run_all(s: Settings, device: torch.device) -> dict:
     """Every measurement above, in one process; returns the results as JSON data."""
     torch.manual_seed(0)
     # CIFAR-10 (or random) images; channels-last as the toolkit's loops make it, so bare loops match
-    teacher = channels_last(build_model(s.teacher, 10, 3, (32, 32)).to(device)).eval()
+    teacher = to_layout(build_model(s.teacher, 10, 3, (32, 32)).to(device)).eval()
     results = {"settings": s.__dict__, "device": str(device)}
     print("memory", flush=True)
     results["memory"] = memory_benchmark(teacher, s, device)  # first: it measures the data set's first load

@@ -21,7 +21,7 @@ from common import training_images, write_results
 from kdbackdoor.data.augment import augment
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.models import build_model
-from kdbackdoor.runtime import channels_last
+from kdbackdoor.numerics import to_layout
 from kdbackdoor.training import TrainConfig, cross_entropy_loss, fit
 
 BATCH = 128
@@ -68,7 +68,7 @@ def main() -> None:
     rows, results = [], {"pipeline_only_images_per_s": pipeline}
     for arch in args.archs:
         torch.manual_seed(0)
-        model = channels_last(build_model(arch, num_classes=10)).train()  # fit() trains in this layout
+        model = to_layout(build_model(arch, num_classes=10)).train()  # fit() trains in this layout
         bare_images_per_s(model, 2)  # warm-up: first calls pick kernels
         bare, toolkit = [], []
         for _ in range(args.rounds):

@@ -8,7 +8,8 @@ from kdbackdoor.defenses.hypergradient import implicit_hypergradient
 from kdbackdoor.defenses.self_retrospection import SelfRetrospection, SelfRetrospectionConfig, output_change
 from kdbackdoor.defenses.shuffling_vaccine import (IGNORED_BATCHES, ShufflingVaccine, ShufflingVaccineConfig,
                                                    SuspectEnsemble, tail_ratio)
-from kdbackdoor.distill.data_free import DataFreeConfig, distill_data_free
+from kdbackdoor.distill.data_free import distill_data_free
+from kdbackdoor.distill.data_free_config import DataFreeConfig
 from kdbackdoor.distill.hooks import StudentStep
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models import build_model

@@ -41,7 +41,8 @@ def test_train_teacher_writes_checkpoint_metrics_and_provenance(backdoored):
         assert (backdoored / name).exists(), name
     record = json.loads((backdoored / "metrics.json").read_text())
     assert record["backdoor"]["target"] == 1 and record["backdoor"]["trigger"]["name"] == "badnets-grid"
-    assert 0 <= record["metrics"]["asr"] <= 1 and record["metrics"]["acc"] > 0.5
+    assert record["metrics"]["acc"] > 0.5
+    assert record["metrics"]["asr"] > record["metrics"]["target_without_trigger"] + 0.3  # the backdoor took
 
 
 def test_compile_flag_trains_through_torch_compile(monkeypatch, capsys, tmp_path):

@@ -53,7 +53,7 @@ def test_audit_writes_scores_report_and_a_cleaned_set_that_distill_accepts(
     report = json.loads((out / "audit.json").read_text())
     for name in ("label-disagreement", "brittleness"):
         detection = report["filters"][name]["detection"]
-        assert detection["auroc"] > 0.7 and 0 <= detection["tpr_at_5fpr"] <= 1
+        assert detection["auroc"] > 0.7 and detection["tpr_at_5fpr"] > 0.05  # better than chance at 5% FPR
     cleaned, manifest = load_poisoned_set(out / "cleaned")
     removed = report["removal"]["removed"]
     assert removed > 0 and len(cleaned) == len(data) - removed

@@ -231,8 +231,9 @@ def test_the_attack_plants_the_trigger_in_a_distilled_student(digits, digits_tea
     student architecture differs from the teacher's: with the same architecture the student
     copies the teacher's reading of the adversarial perturbation itself and ignores the
     trigger (0% ASR in our runs; see docs/distill-attack.md)."""
-    from kdbackdoor.distill.dataset_kd import Backdoor, distill
+    from kdbackdoor.distill.dataset_kd import distill
     from kdbackdoor.distill.losses import KDConfig
+    from kdbackdoor.distill.record import Backdoor
     from kdbackdoor.training import TrainConfig
 
     train, test = digits

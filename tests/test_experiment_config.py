@@ -130,7 +130,10 @@ def test_shipped_configs_are_valid():
     assert experiments, "configs/ holds the ready-made configs"
     sweeps = 0
     for path in experiments:
-        if set(read_yaml(path)) & {"base", "grid", "zip", "seeds"}:  # a sweep file
+        if "attacks" in read_yaml(path):  # a matrix file
+            from kdbackdoor.experiment.matrix import load_matrix
+            assert load_matrix(path).runs
+        elif set(read_yaml(path)) & {"base", "grid", "zip", "seeds"}:  # a sweep file
             _, runs = load_sweep(path)
             assert runs
             sweeps += 1

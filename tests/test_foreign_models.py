@@ -205,3 +205,30 @@ def test_an_input_size_below_the_architectures_minimum_is_refused():
     with pytest.raises(KDBackdoorError, match="vgg11-bn-imagenet cannot take a 16x16 input: it needs at least 32 px "
                                               r"a side \(five 2x2 max-pools\)"):
         build_model("vgg11-bn-imagenet", 3, input_size=(16, 16))
+
+
+def test_import_writes_a_checkpoint_that_records_its_source(tmp_path):
+    from kdbackdoor.digest import sha256_file
+    from kdbackdoor.models.importing import import_model
+
+    reference = up.randomise(up.DFWideResNet(16, 1, 10))
+    save_state(reference, tmp_path / "wrn.pth", epoch=3)
+    path, sidecar = import_model(tmp_path / "wrn.pth", tmp_path / "out", arch="wrn-16-1", num_classes=10)
+    imported = sidecar["metadata"]["imported_from"]
+    assert imported["sha256"] == sha256_file(tmp_path / "wrn.pth") and imported["naming"] == "datafree-wrn"
+    assert imported["key_map"]["fc.weight"] == "backbone.fc.weight" and imported["state_dict_key"] == "state_dict"
+    model, _ = load_checkpoint(path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference((x - model.mean) / model.std), atol=1e-5, rtol=1e-4)
+    with pytest.raises(KDBackdoorError, match="already holds a model"):
+        import_model(tmp_path / "wrn.pth", tmp_path / "out", arch="wrn-16-1", num_classes=10)
+
+
+def test_a_failed_import_leaves_nothing_behind(tmp_path):
+    from kdbackdoor.models.importing import import_model
+
+    save_state(up.randomise(up.DFWideResNet(16, 1, 10)), tmp_path / "wrn.pth")
+    with pytest.raises(KDBackdoorError, match="classifier has 10 classes, not 100"):
+        import_model(tmp_path / "wrn.pth", tmp_path / "out", arch="wrn-16-1", num_classes=100)
+    assert not (tmp_path / "out").exists()

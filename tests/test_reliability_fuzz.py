@@ -24,7 +24,7 @@ from kdbackdoor.defenses.neural_cleanse import NeuralCleanseConfig
 from kdbackdoor.defenses.robust_kd import RobustKDConfig
 from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
 from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
-from kdbackdoor.distill.data_free import DataFreeConfig
+from kdbackdoor.distill.data_free_config import DataFreeConfig
 from kdbackdoor.distill.losses import KDConfig
 from kdbackdoor.models import available_architectures
 from kdbackdoor.training import TrainConfig

@@ -70,12 +70,29 @@ def test_malicious_pickle_is_refused_and_never_runs(teacher, tmp_path, legacy, c
     args = {"evaluate": ["evaluate", "--model", sidecar, "--device", "cpu"],
             "distill": ["distill", "--teacher", sidecar, "--out", tmp_path / "out", "--no-progress"],
             "poison-distill": ["poison-distill", "--teacher", sidecar, "--out", tmp_path / "out", "--no-progress"]}
-    assert_user_error(run_cli(*args[command]), "evil.pt", "refused to load")
+    message = assert_user_error(run_cli(*args[command]), "evil.pt", "refused to load")
+    assert "weights_only" not in message  # never advises turning the check off
     assert not marker.exists(), "the pickle's code ran"
     assert not (tmp_path / "out").exists()
     assert pickle_calls_open_on(sidecar.with_suffix(".pt"), marker)  # the payload is real
     record_outcome(GROUP, "malicious pickle checkpoint (.pt that creates a file when unpickled)",
                    f"{command}, {'legacy' if legacy else 'zip'} pickle")
+
+
+@pytest.mark.parametrize("command", ["train-teacher", "poison-distill", "dfad"])
+def test_malicious_resumable_state_is_refused_and_never_runs(teacher, tmp_path, command):
+    marker, out = tmp_path / "PWNED", tmp_path / "out"
+    out.mkdir()
+    state = out / ("craft_state.pt" if command == "poison-distill" else "train_state.pt")
+    torch.save({"epoch": CreatesFileWhenUnpickled(marker)}, state)
+    args = {"train-teacher": ["train-teacher", "--out", out, "--epochs", "1"],
+            "poison-distill": ["poison-distill", "--teacher", teacher, "--out", out, "--subset", "40"],
+            "dfad": ["distill", "--method", "dfad", "--teacher", teacher, "--out", out, "--iterations", "2"]}[command]
+    message = assert_user_error(run_cli(*args, "--resume", "--no-progress", "--device", "cpu"), state.name,
+                                "delete it to start over")
+    assert "weights_only" not in message and not marker.exists()
+    assert pickle_calls_open_on(state, marker)
+    record_outcome(GROUP, "malicious pickle as a resumable state (--resume)", command)
 
 
 def rewrite_safetensors(teacher, change):
@@ -192,6 +209,57 @@ def test_labels_out_of_range_name_the_sample(tmp_path):
     assert_user_error(run_cli(*train_args(f"npz:{path}", tmp_path / "run")), "train.npz", "negative labels")
     assert not (tmp_path / "run").exists()
     record_outcome(GROUP, "labels out of range", "label 7 of 3 classes; label -2", count=2)
+
+
+@pytest.mark.parametrize("case", ["huge label", "huge unsigned label", "float labels", "count", "classes"])
+def test_npz_labels_are_checked_before_anything_is_sized_by_them(tmp_path, case):
+    import tracemalloc
+    x, y = digits_like(30, classes=3)
+    classes = None
+    if case == "huge label":
+        y[4], needle = 10**9, "sample 4 has label 1000000000, but labels must be below 100000"
+    elif case == "huge unsigned label":
+        y, needle = y.astype(np.uint64), "sample 5 has label 18446744073709551615"
+        y[5] = np.iinfo(np.uint64).max
+    elif case == "float labels":
+        y, needle = y.astype(np.float32), "y must be a 1-D integer array"
+    elif case == "count":
+        y, needle = y[:29], "x holds 30 images but y 29 labels"
+    else:
+        classes, needle = np.array([[1, 2]]), "classes must be a 1-D array"
+    path = write_npz(tmp_path / "train.npz", x, y, classes=classes)
+    tracemalloc.start()
+    try:
+        assert_user_error(run_cli(*train_args(f"npz:{path}", tmp_path / "run")), "train.npz", needle)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200 * 2**20  # a label of 10^9 sizes nothing (a list of 10^9 class names would be > 50 GB)
+    assert not (tmp_path / "run").exists()
+    record_outcome(GROUP, "npz labels: huge, wrong dtype, wrong count; bad class names", case)
+
+
+@pytest.mark.parametrize("test_classes", [["a", "x"], ["b", "a", "c"]], ids=["other classes", "other order"])
+def test_a_test_split_with_other_classes_is_refused_before_any_run_folder(tmp_path, test_classes):
+    x, y = digits_like(30, classes=2)
+    write_npz(tmp_path / "train.npz", x, y, classes=["a", "b", "c"])
+    write_npz(tmp_path / "test.npz", x[:10], y[:10], classes=test_classes)
+    out = tmp_path / "run"
+    assert_user_error(run_cli(*train_args(f"npz:{tmp_path}", out)), "test split", "same classes in the same order")
+    assert not out.exists()
+    record_outcome(GROUP, "test split whose classes differ from the training split's", "-".join(test_classes))
+
+
+def test_poison_crafting_that_keeps_no_poison_leaves_nothing(teacher, tmp_path):
+    out = tmp_path / "poisons"
+    args = ["poison-distill", "--teacher", teacher, "--out", out, "--subset", "40", "--steps", "1", "--eps", "1/255",
+            "--threshold", "0.999", "--retries", "0", "--no-progress", "--device", "cpu"]
+    assert_user_error(run_cli(*args), "no poison passed verification")
+    assert not out.exists()  # no crafting state to resume, no empty folder
+    out.mkdir()  # a folder the user made stays, empty
+    assert_user_error(run_cli(*args), "no poison passed verification")
+    assert out.is_dir() and not any(out.iterdir())
+    record_outcome(GROUP, "poison crafting that keeps no poison", "new folder; existing empty folder", count=2)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])

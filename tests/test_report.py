@@ -7,7 +7,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -17,7 +16,7 @@ from kdbackdoor.experiment.config import apply_overrides, validate_config
 from kdbackdoor.experiment.index import record_row, update_index
 from kdbackdoor.experiment.report import write_report
 from kdbackdoor.experiment.runner import RUN_FORMAT
-from kdbackdoor.experiment.summary import abd_table, attack_tables, conditions_table, load_runs, stat
+from kdbackdoor.experiment.summary import abd_table, attack_tables, experiment_tables, load_runs, stat
 
 from test_cli import run
 
@@ -88,10 +87,10 @@ def test_mean_and_sample_std_over_seeds():
 def test_attack_tables_put_each_factor_against_asr_and_acc(attack_results):
     runs = load_runs([attack_results])
     assert len(runs) == 4
-    overview = conditions_table(runs)
-    assert overview.columns[:2] == ["kd.kd_lambda", "n"]
-    assert overview.rows[0][:4] == ["0.5", "2", "91.0 ± 1.4", "30.0 ± 14.1"]
-    assert overview.rows[1][:4] == ["1", "2", "91.0 ± 1.4", "90.0 ± 0.0"]
+    [overview] = experiment_tables(runs)
+    assert overview.columns[:6] == ["run", "settings that vary", "n", "ACC", "ASR", "target w/o trigger"]
+    assert [row[1:5] for row in overview.rows] == [["kd.kd_lambda=0.5", "2", "91.0 ± 1.4", "30.0 ± 14.1"],
+                                                  ["kd.kd_lambda=1", "2", "91.0 ± 1.4", "90.0 ± 0.0"]]
     [vs_lambda] = attack_tables(runs)
     assert vs_lambda.title.endswith("vs λ")
     assert vs_lambda.columns == ["λ", "n", "ACC", "ASR", "target w/o trigger", "unpoisoned ACC", "unpoisoned ASR"]
@@ -111,7 +110,8 @@ def test_html_report_is_one_self_contained_page(attack_results, abd_results, tmp
     out = write_report([attack_results, abd_results], tmp_path / "report.html")
     text = out.read_text()
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
-    for heading in ("All conditions", "ABD layout", "ASR and ACC vs λ", "Plots", "Triggers", "Poisons"):
+    for heading in ("Summary", "Poisoned distillation set", "ABD layout", "ASR and ACC vs λ", "Plots", "Triggers",
+                    "Poisons"):
         assert heading in text
     assert "30.0 ± 14.1" in text and "70.5 ± 0.7 / 1.0 ± 0.0" in text
     sources = re.findall(r"src='([^']*)'", text)
@@ -146,17 +146,79 @@ def test_cli_report_writes_markdown(attack_results, tmp_path, monkeypatch, capsy
     assert "| λ | n |" in (tmp_path / "r.txt").read_text()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium)")
-def test_html_report_renders_in_headless_chromium(attack_results, abd_results, tmp_path):
-    out = write_report([attack_results, abd_results], tmp_path / "report.html")
+LAYOUT_CHECK = """<script>
+window.addEventListener("load", () => {
+  const page = document.documentElement.clientWidth;
+  const tables = [...document.querySelectorAll("table")].map(t => ({
+    title: t.previousElementSibling && t.previousElementSibling.previousElementSibling
+      ? t.previousElementSibling.previousElementSibling.textContent : "",
+    right: t.getBoundingClientRect().right, page}));
+  const plots = [...document.querySelectorAll("img.plot")].map(i => ({
+    alt: i.alt, shown: i.getBoundingClientRect().width, natural: i.naturalWidth}));
+  const out = document.createElement("pre");
+  out.id = "layout";
+  out.textContent = JSON.stringify({page, scroll: document.documentElement.scrollWidth, tables, plots});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def chromium_layout(page: Path, tmp_path: Path) -> dict:
+    """Open ``page`` (with a measuring script added) in headless Chromium at 1280 px; what it measured."""
+    import html
+    import json
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", LAYOUT_CHECK + "</body>"))
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run(command + ["--dump-dom", out.resolve().as_uri()], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    assert dom.count("<table>") == 3 and "30.0 ± 14.1" in dom and dom.count("<img") >= 4
-    shot = tmp_path / "shot.png"
-    subprocess.run(command + [f"--screenshot={shot}", "--window-size=1200,2400", out.resolve().as_uri()],
-                   capture_output=True, timeout=120, check=True)
-    picture = Image.open(shot).convert("L")
-    assert picture.size == (1200, 2400)
-    assert len(np.unique(np.asarray(picture))) > 50  # grey levels: text, tables and plots were drawn, not a blank page
+               "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2000",
+               "--virtual-time-budget=10000", "--dump-dom", probe.resolve().as_uri()]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=180, check=True).stdout
+    found = re.search(r'<pre id="layout">(.*?)</pre>', dom, re.S)
+    assert found, dom[-2000:]
+    return json.loads(html.unescape(found.group(1)))
+
+
+@pytest.fixture
+def demo_like_results(tmp_path):
+    """Runs shaped like the demo's: three experiments that differ in dozens of config keys."""
+    results = tmp_path / "demo"
+    add_run(results, {"name": "poisoned-distillation-set", "poison.rate": 0.2, "poison.method": "pgd",
+                      "distill.student_arch": "wrn-16-1", "distill.kd.kd_lambda": 0.5},
+            {"acc": 0.97, "asr": 0.22, "target_without_trigger": 0.0}, {"acc": 0.967, "asr": 0.0},
+            baseline={"acc": 0.97, "asr": 0.0}, poisoned=True)
+    for name, defense in (("data-free", "none"), ("data-free-abd", "abd")):
+        extra = {"distill.vaccine.copies": 1, "distill.retrospection.rounds": 5} if defense == "abd" else {}
+        add_run(results, {"name": name, "teacher.backdoor.trigger": "badnets-grid", "distill.method": "deepinversion",
+                          "distill.defense": defense, "distill.student_arch": "small-cnn", **extra},
+                {"acc": 0.84 if defense == "none" else 0.89, "asr": 1.0 if defense == "none" else 0.93},
+                {"acc": 0.969, "asr": 1.0})
+    return results
+
+
+def test_report_names_runs_shows_only_what_varies_and_audits_filters(demo_like_results, tmp_path):
+    audit = {"name": "label-disagreement", "set": "digits + 360 poisons", "auroc": 0.869, "tpr_at_5fpr": 0.414,
+             "flagged": 11, "poisons": 360, "true_positives": 0, "precision": 0.0, "recall": 0.0}
+    text = write_report([demo_like_results], tmp_path / "report.html", audits=[audit]).read_text()
+    headings = re.findall(r"<h2>(.*?)</h2>", text)
+    assert headings[:4] == ["Summary", "Poisoned distillation set (clean teacher)", "Data-free distillation",
+                            "Filter audits"]
+    data_free = text.split("<h2>Data-free distillation</h2>")[1].split("</table>")[0]
+    assert "data-free-abd" in data_free and ">distill.defense=abd<" in data_free  # the ABD sub-settings do not vary
+    assert "vaccine" not in data_free and "student_arch" not in data_free
+    assert "ACC +5.0" in data_free  # the defense's cost against the same settings undefended
+    audits = text.split("<h2>Filter audits</h2>")[1].split("</table>")[0]
+    assert "0 of 360" in audits and "<td>0.869</td>" in audits
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium)")
+def test_html_report_fits_a_1280_px_window_in_headless_chromium(attack_results, abd_results, demo_like_results,
+                                                                 tmp_path):
+    for name, folders in (("papers", [attack_results, abd_results]), ("demo", [demo_like_results])):
+        out = write_report(folders, tmp_path / f"{name}.html")
+        layout = chromium_layout(out, tmp_path)
+        assert layout["page"] >= 1200 and layout["scroll"] <= layout["page"], layout  # no horizontal scrolling
+        assert layout["tables"] and layout["plots"]
+        for table in layout["tables"]:
+            assert table["right"] <= table["page"], (name, table)
+        for plot in layout["plots"]:
+            assert plot["natural"] > 300 and plot["shown"] >= 0.8 * plot["natural"], (name, plot)

@@ -7,7 +7,8 @@ import torch
 
 from kdbackdoor.defenses.robust_kd import RobustKDConfig, RobustTeacher
 from kdbackdoor.defenses.views import VIEW_KINDS, ViewConfig, apply_view, gaussian_blur, parse_kinds
-from kdbackdoor.distill.dataset_kd import Backdoor, distill
+from kdbackdoor.distill.dataset_kd import distill
+from kdbackdoor.distill.record import Backdoor
 from kdbackdoor.distill.losses import KDConfig
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.training import TrainConfig

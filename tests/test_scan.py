@@ -143,7 +143,7 @@ def test_strip_statistics_on_the_backdoored_model(backdoored, digits, square, tm
     assert strip["auroc"] > 0.65
     assert strip["triggered"]["q50"] < strip["clean"]["q50"]
     assert strip["threshold"] == pytest.approx(float(report.clean_entropy.double().quantile(0.01)))
-    assert 0 <= strip["detected_at_threshold"] <= 1
+    assert strip["detected_at_threshold"] > 0.05  # 5x the 1% of clean images below the threshold
     path = write_scan(report, tmp_path / "scan")
     with pytest.raises(KDBackdoorError, match="already holds a scan"):
         write_scan(report, tmp_path / "scan")

@@ -61,7 +61,7 @@ def test_a_second_run_reuses_the_teacher_and_a_changed_teacher_does_not(tmp_path
     for name in ("config.yaml", "log.txt", "metrics.json", "student/model.safetensors"):
         assert (folder / name).is_file()
     assert validate_config(__import__("yaml").safe_load((folder / "config.yaml").read_text())).run_id() == first["run_id"]
-    assert 0.0 <= first["metrics"]["acc"] <= 1.0 and first["teacher_metrics"]["acc"] > 0.3
+    assert first["teacher_metrics"]["acc"] > 0.3  # chance is 0.1
 
 
 def test_data_free_run_is_checked_for_the_teachers_backdoor(tmp_path):

@@ -3,7 +3,8 @@ import torch
 
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models import build_model
-from kdbackdoor.runtime import channels_last, seed_everything
+from kdbackdoor.numerics import to_layout
+from kdbackdoor.runtime import seed_everything
 from kdbackdoor.training import STATE_FILE, TrainConfig, cross_entropy_loss, fit, lr_factor
 
 
@@ -51,7 +52,7 @@ def test_fit_trains_in_channels_last_layout_and_the_layout_leaves_outputs_unchan
     plain = build_model("wrn-16-1", num_classes=10, in_channels=3, input_size=(32, 32)).eval()
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     before = plain(x)
-    after = channels_last(plain)(x)
+    after = to_layout(plain)(x)
     assert torch.allclose(before, after, atol=1e-5)
 
 

@@ -31,6 +31,7 @@ from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.evaluate import accuracy
 from kdbackdoor.experiment import load_sweep, run_sweep, validate_config, write_report
 from kdbackdoor.experiment.runner import RUNS_DIR, ExperimentData, preflight, read_record
+from kdbackdoor.experiment.summary import Table as ReportTable
 from kdbackdoor.models import load_checkpoint
 from kdbackdoor.runtime import select_device
 from kdbackdoor.teacher import MODEL_FILE
@@ -118,7 +119,9 @@ def run_demo(out: str | Path, *, dataset: str = "digits", data_dir: str | None =
             "student_with_abd": _acc_asr(defended["metrics"]),
         },
     }
-    write_report([results], out / "report.html")
+    poisoned_set = f"{attack['config']['data']['dataset']} + {summary['poisoned_distillation']['counts']['kept']} poisons"
+    write_report([results], out / "report.html", summary=report_summary(summary),
+                 audits=[{**summary["poisoned_distillation"]["filter"], "set": poisoned_set}])
     summary["seconds"] = time.perf_counter() - started
     write_json(out / DEMO_MARKER, summary)
     console.print(summary_table(summary))
@@ -187,6 +190,13 @@ def summary_table(summary: dict) -> Table:
         else:
             table.add_row(*row)
     return table
+
+
+def report_summary(summary: dict) -> ReportTable:
+    """The demo table for the report's summary."""
+    rows = [[row[0], "", ""] if len(row) == 1 else [part.strip() for part in row] for row in summary_rows(summary)]
+    return ReportTable(f"Summary: kdbackdoor demo ({summary['dataset']})", ["model", "ACC", "ASR"], rows,
+                       "the table the demo prints; percent")
 
 
 def summary_markdown(summary: dict) -> str:

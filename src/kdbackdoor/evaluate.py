@@ -15,7 +15,8 @@ import torch
 
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.runtime import autocast
+from kdbackdoor.models.compatibility import check_compatible
+from kdbackdoor.numerics import autocast
 
 PixelTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -131,25 +132,19 @@ def model_metrics(
     return metrics
 
 
-def check_compatible(model: torch.nn.Module, data: ImageDataset, *, classes: bool = True) -> None:
-    """Fail clearly when a model and a data set disagree on channels, image size (H, W, against
-    the model's recorded ``input_size``) or (``classes``) class count."""
-    num_classes = getattr(model, "num_classes", None)
-    in_channels = getattr(model, "in_channels", None)
-    if classes and num_classes is not None and num_classes != data.num_classes:
+def check_same_classes(train: ImageDataset, test: ImageDataset) -> None:
+    """Fail clearly when a test split's classes (names, in label order) or image shape differ from
+    the training split's: its ACC and ASR would score the wrong labels."""
+    if list(train.classes) != list(test.classes):
+        only_train = [c for c in train.classes if c not in test.classes]
+        only_test = [c for c in test.classes if c not in train.classes]
+        detail = ("; ".join(part for part in (only_train and f"only in training: {', '.join(only_train[:5])}",
+                                               only_test and f"only in test: {', '.join(only_test[:5])}") if part)
+                  or "same names in another order")
         raise KDBackdoorError(
-            f"model has {num_classes} classes but data set {data.name!r} has {data.num_classes}"
-        )
-    if in_channels is not None and in_channels != data.image_shape[0]:
-        raise KDBackdoorError(
-            f"model expects {in_channels}-channel images but data set {data.name!r} has "
-            f"{data.image_shape[0]} channels"
-        )
-    input_size = getattr(model, "input_size", None)
-    if input_size is not None and tuple(input_size) != tuple(data.image_shape[1:]):
-        height, width = input_size
-        raise KDBackdoorError(
-            f"model was built for {height}x{width} images but data set {data.name!r} has "
-            f"{data.image_shape[1]}x{data.image_shape[2]}; load the data with --resize {height}"
-            + ("" if height == width else f" (as {height}x{width})")
-        )
+            f"test split {test.name!r} has {test.num_classes} classes and training split {train.name!r} "
+            f"{train.num_classes}, not the same ({detail}); both splits must list the same classes in the same order")
+    if train.image_shape != test.image_shape:
+        raise KDBackdoorError(f"test split {test.name!r} has images of shape {tuple(test.image_shape)}, training "
+                              f"split {train.name!r} {tuple(train.image_shape)}; load both with the same --resize")
+

@@ -23,6 +23,7 @@ import torch
 import kdbackdoor
 from kdbackdoor.digest import sha256_file
 from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.numerics import numerics_record
 
 RECORD_NAMES = ("metrics.json", "manifest.json")
 """File names a run folder's record may have, in the order ``verify_run`` looks for them."""
@@ -50,7 +51,8 @@ def read_run_record(path: str | os.PathLike) -> dict:
 
 def environment(device: torch.device | str, seed: int) -> dict:
     """Where and how a run ran: library versions, platform, device (with the GPU's name), seed,
-    and whether ``torch.use_deterministic_algorithms`` was on."""
+    whether ``torch.use_deterministic_algorithms`` was on, and the precision, layout and
+    compilation used (``numerics``)."""
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {
@@ -63,6 +65,7 @@ def environment(device: torch.device | str, seed: int) -> dict:
         "device_name": name,
         "seed": seed,
         "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "numerics": numerics_record(device),
     }
 
 

@@ -1,4 +1,5 @@
-"""Device selection, seeding and mixed precision: the few places that know about hardware."""
+"""Device selection, seeding and threads: the few places that know about hardware (precision and
+layout: ``kdbackdoor.numerics``)."""
 
 from __future__ import annotations
 
@@ -63,23 +64,6 @@ def set_cpu_threads(threads: int | None = None) -> None:
     if threads is None and "OMP_NUM_THREADS" in os.environ:
         return
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (BatchNorm stays fp32 under autocast); a no-op on CPU."""
-    if device.type == "cuda":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def channels_last(model: torch.nn.Module) -> torch.nn.Module:
-    """Store ``model``'s 4-D weights in NHWC order (in place; returns it).
-
-    Convolutions then run in channels-last layout, and their outputs keep it: faster with
-    oneDNN on CPU (1.4–1.9× per training step for the 32 px models on this project's
-    2-core machine) and with cuDNN's tensor cores on CUDA. Values are unchanged.
-    """
-    return model.to(memory_format=torch.channels_last)
 
 
 def cpu_generator(seed: int) -> torch.Generator:

@@ -11,9 +11,11 @@ import numpy as np
 import torch
 
 from kdbackdoor.atomic import atomic_path, write_json
+from kdbackdoor.attacks.adba import ADBAConfig, adba_attack
+from kdbackdoor.attacks.backweak import BackWeakConfig, backweak_attack
 from kdbackdoor.attacks.teacher_poisoning import RATE_HELP, PoisonConfig, holdout_split, poison_training_set
 from kdbackdoor.data.dataset import ImageDataset
-from kdbackdoor.evaluate import model_metrics
+from kdbackdoor.evaluate import check_same_classes, model_metrics
 from kdbackdoor.models import build_model, save_checkpoint
 from kdbackdoor.run_record import environment, file_checksums
 from kdbackdoor.runtime import seed_everything
@@ -51,6 +53,7 @@ def train_teacher(
     file in ``files``; see ``kdbackdoor.run_record``).
     """
     out_dir = Path(out_dir)
+    check_same_classes(train, test)
     train, held = holdout_split(train, holdout, config.seed)
     backdoor = None
     if trigger is not None:
@@ -83,6 +86,49 @@ def train_teacher(
     }
     save_checkpoint(model, out_dir / MODEL_FILE, classes=train.classes, metadata=record)
     record["files"] = file_checksums(out_dir, [MODEL_FILE, "model.json", PROVENANCE_FILE])
+    write_json(out_dir / "metrics.json", record)
+    return model, record
+
+
+def train_kd_attack_teacher(
+    train: ImageDataset,
+    test: ImageDataset,
+    arch: str,
+    config: TrainConfig,
+    out_dir: str | Path,
+    attack: ADBAConfig | BackWeakConfig,
+    *,
+    device: torch.device,
+    progress: bool = True,
+    metadata: dict | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """A teacher backdoored by an attack built to survive distillation, written like
+    ``train_teacher``'s (``model.safetensors``, ``metrics.json`` with ``backdoor`` = the
+    attack's record, whose ``trigger`` and ``target`` evaluation reads).
+
+    ``ADBAConfig``: teacher, trigger and shadow student trained together (``config`` unused).
+    ``BackWeakConfig``: a clean teacher trained with ``config`` in ``out_dir/clean``, then
+    fine-tuned on the weak trigger (state in ``out_dir/backweak``).
+    """
+    out_dir = Path(out_dir)
+    check_same_classes(train, test)
+    started = time.perf_counter()
+    if isinstance(attack, ADBAConfig):
+        model, trigger, record = adba_attack(train, arch, attack, out_dir, device=device, progress=progress)
+    else:
+        clean, _ = train_teacher(train, test, arch, config, out_dir / "clean", device=device, resume=True,
+                                 progress=progress)
+        model, trigger, record = backweak_attack(clean, train, attack, out_dir / "backweak", device=device,
+                                                 progress=progress)
+    metrics = model_metrics(model, test, trigger=trigger, target=attack.target, device=device)
+    record = {
+        "arch": arch, "train": {"name": train.name, "size": len(train)}, "test": {"name": test.name, "size": len(test)},
+        "config": config.model_dump(), "backdoor": record, "metrics": metrics,
+        "wall_seconds_this_run": time.perf_counter() - started, "device": str(device),
+        "environment": environment(device, attack.seed), **(metadata or {}),
+    }
+    save_checkpoint(model, out_dir / MODEL_FILE, classes=train.classes, metadata=record)
+    record["files"] = file_checksums(out_dir, [MODEL_FILE, "model.json"])
     write_json(out_dir / "metrics.json", record)
     return model, record
 

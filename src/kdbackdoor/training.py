@@ -24,7 +24,9 @@ from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.evaluate import accuracy, attack_success_rate
 from kdbackdoor import stop_points
-from kdbackdoor.runtime import Seed, autocast, channels_last, cpu_generator
+from kdbackdoor.numerics import autocast, compiled, grad_scaler, layout, to_layout
+from kdbackdoor.runtime import Seed, cpu_generator
+from kdbackdoor.state_file import load_tensors_pickle
 
 STATE_FILE = "train_state.pt"
 
@@ -156,12 +158,13 @@ def fit(
         raise KDBackdoorError(
             f"{out_dir} already holds a training state; pass --resume to continue it, or choose another --out"
         )
-    channels_last(model.to(device))
+    to_layout(model.to(device))
     train = train.to(device)
     if test is not None:
         test = test.to(device)
     optimizer = make_optimizer(model, config)
-    step_model = torch.compile(model) if config.compile else model  # shares model's parameters and mode
+    step_model = compiled(model, force=config.compile)  # shares model's parameters and mode
+    scaler = grad_scaler(device)  # fp16 only: a dynamic loss scale; otherwise a pass-through
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -171,7 +174,7 @@ def fit(
     start_epoch = 0
     if resume and state_path.exists():
         try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            state = load_tensors_pickle(state_path, "training state", "delete it to start over")
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -198,17 +201,20 @@ def fit(
             batches = train.batches(config.batch_size, shuffle=True, generator=generator)
             for step, (x, y, idx) in enumerate(batches):
                 x = augment(x, crop_padding=config.crop_padding, hflip=config.hflip, cutmix_p=config.cutmix,
-                            generator=generator).contiguous(memory_format=torch.channels_last)
+                            generator=generator)
+                x = layout(x)
                 # before the loss: the hook's passes may touch BatchNorm buffers the loss's backward reads
                 extra = (step_hook.extra_gradients(model, optimizer, x, epoch * steps_per_epoch + step, total_steps)
                          if step_hook is not None else None)
                 with autocast(device):
                     loss, logits = loss_fn(step_model, x, y, idx)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if extra is not None:
+                    scaler.unscale_(optimizer)  # the hook's gradients are unscaled
                     add_gradients([p for p in model.parameters() if p.requires_grad], extra)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()

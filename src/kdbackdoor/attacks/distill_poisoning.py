@@ -38,8 +38,10 @@ from kdbackdoor.attacks.engines import EARLY_EXIT_ENGINES, Engine
 from kdbackdoor.attacks.injection import InjectionMode, inject_poisons, poison_count
 from kdbackdoor.data.dataset import ImageDataset, to_uint8
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.evaluate import check_compatible
+from kdbackdoor.models.compatibility import check_compatible
+from kdbackdoor.numerics import autocast, layout
 from kdbackdoor.runtime import Seed
+from kdbackdoor.state_file import load_tensors_pickle
 from kdbackdoor.triggers import Trigger
 
 CRAFT_STATE_FILE = "craft_state.pt"
@@ -110,8 +112,10 @@ def craft_poisoned_set(
 
     state = _CraftState.empty(data.images.shape[1:])
     fingerprint = ""
+    made_folder = False  # whether this call creates the state's folder (removed again if nothing is kept)
     if state_path is not None:
         state_path = Path(state_path)
+        made_folder = not state_path.parent.exists()
         fingerprint = _fingerprint(teacher, data, trigger, engine, config)
         if state_path.exists() and not resume:
             raise KDBackdoorError(f"{state_path.parent} holds an interrupted crafting run; pass --resume to "
@@ -138,7 +142,11 @@ def craft_poisoned_set(
             bar.update(task, completed=len(state.rows),
                        status=f"tried {state.tried}, attempts {state.attempts}")
     rows, tried, attempts = state.rows, state.tried, state.attempts
-    if len(rows) == 0:
+    if len(rows) == 0:  # nothing to resume either: leave no state behind
+        if state_path is not None:
+            state_path.unlink(missing_ok=True)
+            if made_folder and not any(state_path.parent.iterdir()):
+                state_path.parent.rmdir()
         raise KDBackdoorError(
             f"no poison passed verification (threshold {config.threshold}) after trying {tried} source images; "
             "use a stronger engine setting (more steps, larger eps) or a lower --threshold")
@@ -189,7 +197,7 @@ class _CraftState:
     def load(path: Path, fingerprint: str, generator: torch.Generator) -> "_CraftState":
         """The saved state; ``generator`` continues where the saved run's was."""
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_tensors_pickle(path, "crafting state", "delete it to start over")
             if state["fingerprint"] != fingerprint:
                 raise KDBackdoorError(
                     f"{path}: this interrupted crafting run used other inputs (settings, engine, trigger, "
@@ -259,8 +267,10 @@ def _craft_verified(teacher, data, rows, trigger, engine, config, generator, dev
         if len(todo) == 0:
             break
         attempts += len(todo)
-        crafted = to_uint8(engine.craft(teacher, x[todo], targets[todo], trigger, generator,
-                                        config.threshold if config.early_exit else None).detach())
+        with autocast(device):  # the teacher's passes only: the perturbation and its steps stay fp32
+            crafted = to_uint8(engine.craft(teacher, layout(x[todo]), targets[todo], trigger, generator,
+                                            config.threshold if config.early_exit else None).detach())
+        # verified in fp32, the teacher's own precision: a kept poison passes on the teacher as shipped
         stored = to_uint8(trigger(crafted.float() / 255))
         probability = _target_probability(teacher, stored.float() / 255, config.target).cpu()
         ok = probability >= config.threshold

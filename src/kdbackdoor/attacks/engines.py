@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kdbackdoor.attacks.pgd import pgd
 from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.registry import Registry
 
 PixelTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -30,7 +31,7 @@ class EngineParams(BaseModel):
 class Engine(ABC):
     """Crafts poisons: ``craft(teacher, x, targets, transform, generator) -> x'`` in [0,1]."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # set by @register_engine
     Params: ClassVar[type[EngineParams]]
     stops_early: ClassVar[bool] = False  # honours craft's stop_probability
 
@@ -57,14 +58,19 @@ class Engine(ABC):
         return {"name": self.name, **self.params.model_dump()}
 
 
+ENGINES: Registry[type[Engine]] = Registry("engine", names_items=True)
+register_engine = ENGINES.register
+"""Class decorator: ``@register_engine("name")`` makes the engine buildable as ``name`` (configs, ``--method``)."""
+
+
 class FGSMParams(EngineParams):
     eps: float = Field(8 / 255, gt=0, le=1, description="L∞ step (pixel units)")
 
 
+@register_engine("fgsm")
 class FGSM(Engine):
     """Targeted fast gradient sign method: one signed step of size ``eps`` towards the target."""
 
-    name = "fgsm"
     Params = FGSMParams
 
     def craft(self, teacher, x, targets, transform, generator, stop_probability=None):
@@ -81,10 +87,10 @@ class PGDParams(EngineParams):
     random_start: bool = True
 
 
+@register_engine("pgd")
 class PGD(Engine):
     """Targeted projected gradient descent (L∞ or L2)."""
 
-    name = "pgd"
     Params = PGDParams
     stops_early = True
 
@@ -105,6 +111,7 @@ class CWParams(EngineParams):
     search_steps: int = Field(3, ge=1, description="binary-search rounds over c")
 
 
+@register_engine("cw")
 class CW(Engine):
     """Targeted Carlini-Wagner L2: minimise ||x'-x||² + c·max(max_{i≠t} z_i − z_t, −κ).
 
@@ -113,7 +120,6 @@ class CW(Engine):
     perturbation is kept; images never succeeding return their last iterate.
     """
 
-    name = "cw"
     Params = CWParams
 
     def craft(self, teacher, x, targets, transform, generator, stop_probability=None):
@@ -170,6 +176,7 @@ class GenerativeParams(EngineParams):
     prior: float = Field(0.01, ge=0, description="weight of the latent's mean square (keeps z typical)")
 
 
+@register_engine("generative")
 class Generative(Engine):
     """Search a generator's latent so that the teacher labels the (triggered) output as the target.
 
@@ -178,7 +185,6 @@ class Generative(Engine):
     (N, latent_dim) to pixel images [0,1] of the source images' shape.
     """
 
-    name = "generative"
     Params = GenerativeParams
 
     def __init__(self, generator_model: torch.nn.Module | None = None, **params) -> None:
@@ -208,18 +214,16 @@ class Generative(Engine):
             return self.generator_model(z).clamp(0, 1)
 
 
-ENGINES: dict[str, type[Engine]] = {engine.name: engine for engine in (FGSM, PGD, CW, Generative)}
 EARLY_EXIT_ENGINES = ", ".join(name for name, engine in ENGINES.items() if engine.stops_early)
 """Names of the engines that honour ``stop_probability`` (early exit), for messages."""
 
 
 def build_engine(name: str, generator_model: torch.nn.Module | None = None, **params) -> Engine:
     """The engine ``name`` (fgsm, pgd, cw, generative) with ``params`` (unknown names refused)."""
-    if name not in ENGINES:
-        raise KDBackdoorError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
-    if name == "generative":
+    engine = ENGINES[name]
+    if engine is Generative:
         return Generative(generator_model, **params)
-    return ENGINES[name](**params)
+    return engine(**params)
 
 
 def describe_engines() -> str:

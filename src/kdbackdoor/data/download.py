@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pooch
 from rich.progress import Progress
 
 from kdbackdoor.data.progress import progress_bar
@@ -41,6 +40,7 @@ def download(remote: RemoteFile, directory: Path, *, progress: bool = True) -> P
     A file already there with the right checksum is kept as is. On a network failure or a
     checksum mismatch, raise ``KDBackdoorError`` and leave no file of that name behind.
     """
+    import pooch  # only where something is downloaded: offline machines run without it
     target = Path(directory) / remote.filename
     try:
         with progress_bar(enabled=progress, in_bytes=True) as bar:

@@ -13,6 +13,8 @@ from kdbackdoor.data.source_registry import Decoded, SourceRequest, register_sou
 from kdbackdoor.errors import KDBackdoorError
 
 _CHANNELS = (1, 3)
+MAX_CLASSES = 100_000
+"""Most classes a file may have (labels 0..MAX_CLASSES-1); a wild label must not size anything."""
 
 
 @register_source("npz", takes_path=True)
@@ -24,14 +26,11 @@ def load_npz(request: SourceRequest) -> Decoded:
     if not path.is_file():
         raise KDBackdoorError(f"{path}: npz file not found")
     arrays = _read(path)
-    images, labels = _images(path, arrays["x"]), _labels(path, arrays["y"])
-    if len(images) != len(labels):
-        raise KDBackdoorError(f"{path}: x holds {len(images)} images but y {len(labels)} labels")
-    if "classes" in arrays:
-        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in arrays["classes"].ravel()]
-    else:
-        classes = [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
-    return Decoded(images, labels, classes)
+    x = _checked_images(path, arrays["x"])
+    names = _class_names(path, arrays["classes"]) if "classes" in arrays else None
+    labels = _labels(path, arrays["y"], len(x), names)  # before anything is sized by the labels
+    classes = names if names is not None else [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
+    return Decoded(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), labels, classes)
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
@@ -49,8 +48,8 @@ def _read(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _images(path: Path, x: np.ndarray) -> np.ndarray:
-    """``x`` as uint8 (N, C, H, W)."""
+def _checked_images(path: Path, x: np.ndarray) -> np.ndarray:
+    """``x`` checked, as a uint8 (N, H, W, C) view."""
     if x.dtype != np.uint8:
         raise KDBackdoorError(f"{path}: x must be uint8 (pixel values 0..255), got {x.dtype}")
     if x.ndim == 3:
@@ -60,12 +59,27 @@ def _images(path: Path, x: np.ndarray) -> np.ndarray:
             f"{path}: x must have shape (N, H, W, C) with C in {_CHANNELS} or (N, H, W), "
             f"got {x.shape}"
         )
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return x
 
 
-def _labels(path: Path, y: np.ndarray) -> np.ndarray:
+def _class_names(path: Path, classes: np.ndarray) -> list[str]:
+    if classes.ndim != 1 or not 0 < classes.size <= MAX_CLASSES or classes.dtype.kind not in "US":
+        raise KDBackdoorError(f"{path}: classes must be a 1-D array of 1 to {MAX_CLASSES} names (strings), "
+                              f"got {classes.dtype} {classes.shape}")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in classes]
+
+
+def _labels(path: Path, y: np.ndarray, count: int, classes: list[str] | None) -> np.ndarray:
+    """``y`` checked against the image count and the class range, as int64."""
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise KDBackdoorError(f"{path}: y must be a 1-D integer array, got {y.dtype} {y.shape}")
+    if len(y) != count:
+        raise KDBackdoorError(f"{path}: x holds {count} images but y {len(y)} labels")
     if y.size and y.min() < 0:
         raise KDBackdoorError(f"{path}: y holds negative labels (smallest {y.min()})")
+    limit = len(classes) if classes is not None else MAX_CLASSES
+    if y.size and y.max() >= limit:
+        where = (f"the file names {limit} classes" if classes is not None
+                 else f"labels must be below {MAX_CLASSES} (add a `classes` array to name more)")
+        raise KDBackdoorError(f"{path}: sample {int(y.argmax())} has label {y.max()}, but {where}")
     return y.astype(np.int64)

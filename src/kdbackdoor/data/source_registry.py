@@ -8,6 +8,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from kdbackdoor.registry import Registry
+
 
 @dataclass(frozen=True)
 class SourceRequest:
@@ -54,7 +56,7 @@ class Source:
         return f"{self.name}:PATH" if self.takes_path else self.name
 
 
-SOURCES: dict[str, Source] = {}
+SOURCES: Registry[Source] = Registry("data set", usage=lambda name, source: source.usage)
 
 
 def register_source(
@@ -62,8 +64,6 @@ def register_source(
 ) -> Callable[[Callable[[SourceRequest], Decoded]], Callable[[SourceRequest], Decoded]]:
     """Decorator: make a loader available to ``load_dataset`` as ``name`` (or ``name:PATH``)."""
     def decorator(load: Callable[[SourceRequest], Decoded]) -> Callable[[SourceRequest], Decoded]:
-        if name in SOURCES:
-            raise ValueError(f"data-set source {name!r} is registered twice")
-        SOURCES[name] = Source(name, load, takes_path)
+        SOURCES.add(name, Source(name, load, takes_path))
         return load
     return decorator

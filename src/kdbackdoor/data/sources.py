@@ -28,6 +28,12 @@ def available_datasets() -> list[str]:
     return sorted(source.usage for source in SOURCES.values())
 
 
+def dataset_record(spec: str, data_dir: str | Path | None, resize: int | None) -> dict:
+    """How to load the data set again (stored in checkpoints and run records, so that ``evaluate``
+    can default to it): its spec, data folder and resize."""
+    return {"spec": spec, "data_dir": str(data_dir) if data_dir else None, "resize": resize}
+
+
 def load_dataset(
     spec: str,
     split: str = "train",
@@ -53,11 +59,9 @@ def load_dataset(
     The result is named ``"<spec>:<split>"``; its meta holds ``source`` and ``split``.
     """
     name, _, argument = spec.partition(":")
-    source = SOURCES.get(name)
-    if source is None:
-        raise KDBackdoorError(
-            f"unknown data set {spec!r}; available: {', '.join(available_datasets())}"
-        )
+    if name not in SOURCES:
+        raise SOURCES.unknown(spec)
+    source = SOURCES[name]
     if source.takes_path != bool(argument):
         raise KDBackdoorError(f"data set {spec!r}: write it as {source.usage}")
     if split not in SPLITS:

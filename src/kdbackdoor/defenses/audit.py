@@ -20,7 +20,7 @@ from kdbackdoor.atomic import atomic_path, write_json
 from kdbackdoor.data.dataset import ImageDataset, Provenance
 from kdbackdoor.data.poisoned_set import save_poisoned_set
 from kdbackdoor.defenses.filters.base import AuditContext, DataFilter, FilterResult, score_against_provenance
-from kdbackdoor.evaluate import check_compatible
+from kdbackdoor.models.compatibility import check_compatible
 
 SCORES_FILE = "scores.csv"
 AUDIT_FILE = "audit.json"

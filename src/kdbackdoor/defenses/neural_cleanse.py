@@ -33,8 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.data.progress import progress_bar
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.evaluate import check_compatible
-from kdbackdoor.runtime import Seed, autocast, cpu_generator
+from kdbackdoor.models.compatibility import check_compatible
+from kdbackdoor.numerics import autocast
+from kdbackdoor.runtime import Seed, cpu_generator
 
 MAD_CONSISTENCY = 1.4826  # MAD · 1.4826 estimates the standard deviation of normal data
 MASK_INIT = 0.2  # initial mask values are uniform in [0, MASK_INIT]

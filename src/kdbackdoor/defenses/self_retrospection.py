@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kdbackdoor.defenses.hypergradient import implicit_hypergradient
 from kdbackdoor.distill.hooks import DistillDefense, StudentStep
 from kdbackdoor.models.batchnorm import preserved_batchnorm_statistics
+from kdbackdoor.numerics import autocast
 from kdbackdoor.runtime import Seed, Stopwatch, cpu_generator
 from kdbackdoor.training import add_gradients
 
@@ -91,7 +92,7 @@ class SelfRetrospection(DistillDefense):
         if self.active and self.config.start > 0 and self.config.phase_lr is not None:
             self.phase_progress = (iteration - first) / (total - first)
 
-    def student_step(self, step: StudentStep, images: torch.Tensor, weights: torch.Tensor | None) -> float | None:
+    def student_step(self, step: StudentStep, images: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor | None:
         grads = self.unlearning_gradients(step.student, step.optimizer, images)
         if grads is None:
             return None
@@ -100,7 +101,7 @@ class SelfRetrospection(DistillDefense):
         loss.backward()
         add_gradients([p for p in step.student.parameters() if p.requires_grad], grads)
         step.apply_gradients()
-        return float(loss.detach())
+        return loss.detach()
 
     def extra_gradients(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                         step: int, total: int) -> list[torch.Tensor] | None:
@@ -133,13 +134,15 @@ class SelfRetrospection(DistillDefense):
         """The universal perturbation (1, C, H, W), pixel units, that most changes ``model`` on ``images``."""
         delta = torch.zeros_like(images[:1], requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=self.config.perturbation_lr)
-        with torch.no_grad():
+        # the model's passes autocast; delta, its gradient and Adam's update stay fp32 (see numerics)
+        with torch.no_grad(), autocast(images.device):
             reference = model(images)
         for _ in range(self.config.rounds):
-            loss = -output_change(model(images + delta), reference)
+            with autocast(images.device):
+                loss = -output_change(model(images + delta), reference)
             delta.grad = torch.autograd.grad(loss, delta)[0]  # the model's own gradients stay untouched
             optimizer.step()
-        self.last_change = float(-loss.detach())
+        self.last_change = -loss.detach()  # read when recorded, not here: no wait for the device per step
         return delta.detach()
 
     def _inner_loss(self, student, images, delta) -> torch.Tensor:
@@ -158,7 +161,8 @@ class SelfRetrospection(DistillDefense):
 
     def record(self) -> dict:
         return {"name": self.name, "config": self.config.model_dump(), "steps": self.steps,
-                "last_perturbation_change": self.last_change, "seconds_this_run": self.stopwatch.seconds}
+                "last_perturbation_change": float(self.last_change),
+                "seconds_this_run": self.stopwatch.seconds}
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.get_state(), "steps": self.steps}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.runtime import autocast
+from kdbackdoor.numerics import autocast
 
 
 @torch.no_grad()

@@ -25,106 +25,33 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kdbackdoor import stop_points
 from kdbackdoor.atomic import atomic_path, write_json
 from kdbackdoor.data.augment import augment
 from kdbackdoor.data.dataset import ImageDataset
-from kdbackdoor.distill.dataset_kd import MODEL_FILE, RECORD_FILE, Backdoor, backdoor_record, student_metrics
+from kdbackdoor.distill.data_free_config import METHOD_DEFAULTS, DataFreeConfig
 from kdbackdoor.distill.hooks import DistillDefense, StudentStep
 from kdbackdoor.distill.losses import attention_transfer_loss, kd_divergence
+from kdbackdoor.distill.record import MODEL_FILE, RECORD_FILE, Backdoor, backdoor_record, student_metrics
 from kdbackdoor.distill.synthesis import SYNTHESIZERS, AdversarialGenerator, PooledSynthesizer, SynthesisContext
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.evaluate import check_compatible
+from kdbackdoor.models.compatibility import check_compatible
 from kdbackdoor.image_grid import save_image_batch
 from kdbackdoor.models import build_model, save_checkpoint
 from kdbackdoor.models.features import forward_with_features
-from kdbackdoor.models.generator import GeneratorOutput, save_generator
-from kdbackdoor.runtime import Seed, autocast, channels_last, cpu_generator, seed_everything
+from kdbackdoor.models.generator import save_generator
+from kdbackdoor.numerics import autocast, grad_scaler, numerics_record, to_layout
+from kdbackdoor.runtime import cpu_generator, seed_everything
+from kdbackdoor.state_file import load_tensors_pickle
 
 STATE_FILE = "train_state.pt"
 GENERATOR_FILE = "generator/generator.safetensors"  # a subfolder: the run folder holds one model
 SAMPLES_FILE = "samples.png"
-METHODS = tuple(SYNTHESIZERS)
-
-# Each method's own settings; every field not named here takes COMMON_DEFAULTS.
-METHOD_DEFAULTS: dict[str, dict] = {
-    "zskt": {"latent_dim": 100, "synthesis_lr": 1e-3, "synthesis_steps": 1, "student_optimizer": "adam",
-             "student_lr": 2e-3, "student_steps": 10, "loss": "kl", "temperature": 1.0, "attention_beta": 250.0,
-             "max_grad_norm": 5.0},
-    "dfad": {"latent_dim": 256, "synthesis_lr": 1e-3, "synthesis_steps": 1, "student_optimizer": "sgd",
-             "student_lr": 0.1, "student_steps": 5, "loss": "l1", "temperature": 1.0},
-    "deepinversion": {"synthesis_lr": 0.05, "synthesis_steps": 2000, "synthesis_batch_size": 256,
-                      "student_steps": 2000, "bn_weight": 10.0, "onehot_weight": 1.0, "tv_weight": 1e-3,
-                      "l2_weight": 0.0, "adv_weight": 0.0, "checkpoint_every": 1},
-    "cmi": {"latent_dim": 256, "synthesis_lr": 1e-3, "synthesis_steps": 200, "synthesis_batch_size": 256,
-            "student_steps": 2000, "bn_weight": 1.0, "onehot_weight": 0.5, "adv_weight": 0.5,
-            "contrastive_weight": 0.8, "checkpoint_every": 1},
-}
-COMMON_DEFAULTS: dict = {
-    "latent_dim": 256, "student_optimizer": "sgd", "student_lr": 0.1, "loss": "kl", "temperature": 20.0,
-    "attention_beta": 0.0, "bn_weight": 0.0, "onehot_weight": 0.0, "tv_weight": 0.0, "l2_weight": 0.0,
-    "adv_weight": 0.0, "contrastive_weight": 0.0, "checkpoint_every": 50, "max_grad_norm": 0.0,
-}
-
-
-class DataFreeConfig(BaseModel):
-    """A data-free run. Fields left as None take the method's defaults (see METHOD_DEFAULTS)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    method: Literal["zskt", "dfad", "deepinversion", "cmi"] = "zskt"
-    iterations: int = Field(2000, ge=1, description="outer iterations (each: one synthesis round, then student steps)")
-    batch_size: int = Field(128, ge=2, description="images per student step")
-    synthesis_batch_size: int | None = Field(None, ge=2, description="images per synthesis round (default: "
-                                             "batch_size for zskt/dfad, 256 for deepinversion/cmi)")
-    synthesis_steps: int | None = Field(None, ge=1, description="optimisation steps per synthesis round")
-    synthesis_lr: float | None = Field(None, gt=0, description="Adam step of the generator (or of the pixels, "
-                                       "deepinversion)")
-    latent_dim: int | None = Field(None, ge=1)
-    generator_width: int = Field(64, ge=4, description="channels of the generator's first feature map")
-    generator_output: GeneratorOutput = Field(
-        "batchnorm", description="last layer of the zskt/dfad generator: batchnorm (as ZSKT and ABD: images made in the "
-        "teacher's normalised space, then clipped to pixel range) or sigmoid")
-    student_lr: float | None = Field(None, gt=0)
-    student_optimizer: Literal["adam", "sgd"] | None = None
-    student_steps: int | None = Field(None, ge=1, description="student steps per iteration")
-    loss: Literal["kl", "l1"] | None = Field(None, description="kl: T²·KL(teacher_T ‖ student_T); l1: mean |Δlogit|")
-    temperature: float | None = Field(None, gt=0)
-    max_grad_norm: float | None = Field(None, ge=0, description="clip the gradient norm of each synthesis and "
-                                        "student step to this (zskt 5, as ZSKT's code; others 0: no clipping)")
-    attention_beta: float | None = Field(None, ge=0, description="weight of attention transfer, in ZSKT's "
-                                          "convention (against a KL averaged over classes)")
-    bn_weight: float | None = Field(None, ge=0, description="BatchNorm-statistics prior (deepinversion, cmi)")
-    onehot_weight: float | None = Field(None, ge=0, description="cross-entropy to the round's target classes")
-    tv_weight: float | None = Field(None, ge=0, description="total-variation prior (deepinversion)")
-    l2_weight: float | None = Field(None, ge=0, description="pixel L2 prior around mid-grey (deepinversion)")
-    adv_weight: float | None = Field(None, ge=0, description="teacher/student disagreement term (adaptive "
-                                     "deepinversion, cmi)")
-    contrastive_weight: float | None = Field(None, ge=0, description="InfoNCE term (cmi)")
-    contrastive_temperature: float = Field(0.1, gt=0)
-    bank_size: int = Field(40960, ge=1, description="teacher features kept for contrast (cmi)")
-    negatives: int = Field(4096, ge=1, description="bank features drawn per step (cmi)")
-    pool_size: int = Field(50000, ge=1, description="synthetic images kept (deepinversion, cmi; oldest dropped)")
-    eval_every: int = Field(0, ge=0, description="test ACC every N iterations (0: at the end only)")
-    checkpoint_every: int | None = Field(None, ge=1, description="save the resumable state every N iterations "
-                                         "(default: 50 for zskt/dfad; every round for deepinversion/cmi, whose "
-                                         "rounds take minutes)")
-    save_samples: bool = Field(False, description="write a PNG grid of the last synthetic images")
-    seed: Seed = 0
-
-    @model_validator(mode="after")
-    def _fill_method_defaults(self) -> "DataFreeConfig":
-        defaults = {**COMMON_DEFAULTS, "synthesis_batch_size": self.batch_size, **METHOD_DEFAULTS[self.method]}
-        for key, value in defaults.items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        return self
+METHODS = tuple(METHOD_DEFAULTS)
 
 
 def distill_data_free(
@@ -161,11 +88,11 @@ def distill_data_free(
     image_shape = (teacher.in_channels, *teacher.input_size)
     if tuple(test.image_shape) != image_shape:
         raise KDBackdoorError(f"the teacher was built for {image_shape} images but the test set has {test.image_shape}")
-    teacher = channels_last(teacher.to(device)).eval().requires_grad_(False)
+    teacher = to_layout(teacher.to(device)).eval().requires_grad_(False)
     seed_everything(config.seed)
     student = build_model(student_arch, num_classes=teacher.num_classes, in_channels=image_shape[0],
                           input_size=image_shape[1:])
-    student = channels_last(student.to(device))
+    student = to_layout(student.to(device))
     defense = defense or DistillDefense()
     run = _Run(teacher, student, image_shape, config, device, defense)
     history: list[dict] = []
@@ -186,12 +113,12 @@ def distill_data_free(
             last = done == config.iterations
             if last or (config.eval_every and done % config.eval_every == 0):
                 metrics = student_metrics(student, test, backdoor, device)
-                row = {"iteration": done, "synthesis_loss": loss_synthesis, "student_loss": loss_student,
+                row = {"iteration": done, "synthesis_loss": float(loss_synthesis), "student_loss": float(loss_student),
                        "test_acc": metrics["acc"], "seconds": time.perf_counter() - started}
                 if "asr" in metrics:  # so a run shows when the backdoor reaches the student
                     row["test_asr"] = metrics["asr"]
                 history.append(row)
-                bar.update(task, status=f"student loss {loss_student:.3f} test {row['test_acc']:.1%}"
+                bar.update(task, status=f"student loss {row['student_loss']:.3f} test {row['test_acc']:.1%}"
                            + (f" ASR {row['test_asr']:.1%}" if "test_asr" in row else ""))
             if last or done % config.checkpoint_every == 0:
                 run.save(state_path, done, history)
@@ -202,7 +129,8 @@ def distill_data_free(
         "test": {"name": test.name, "size": len(test)}, "backdoor": backdoor_record(backdoor),
         "defense": defense.record(), "metrics": metrics or student_metrics(student, test, backdoor, device),
         "history": history, "throughput": run.throughput(), "resumed_from_iteration": start,
-        "wall_seconds_this_run": time.perf_counter() - started, "device": str(device), **(metadata or {}),
+        "wall_seconds_this_run": time.perf_counter() - started, "device": str(device),
+        "numerics": numerics_record(device), **(metadata or {}),
     }
     if evaluate_teacher:
         record["teacher_metrics"] = student_metrics(teacher, test, backdoor, device)
@@ -221,17 +149,18 @@ class _Run:
     def __init__(self, teacher, student, image_shape, config: DataFreeConfig, device, defense: DistillDefense) -> None:
         self.teacher, self.student, self.config, self.device, self.defense = teacher, student, config, device, defense
         if config.student_optimizer == "adam":
-            self.optimizer = torch.optim.Adam(student.parameters(), lr=config.student_lr)
+            self.optimizer = torch.optim.Adam(student.parameters(), lr=config.student_lr, fused=True)
         else:
             self.optimizer = torch.optim.SGD(student.parameters(), lr=config.student_lr, momentum=0.9,
-                                             weight_decay=5e-4)
+                                             weight_decay=5e-4, fused=True)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.iterations)
         self.rng = cpu_generator(config.seed)
         context = SynthesisContext(teacher, student, image_shape, teacher.num_classes, config, device, defense,
                                    self.logit_loss, self.rng)
         self.synthesizer = SYNTHESIZERS[config.method](context)
         self.stages = (teacher.stage_names, student.stage_names) if config.attention_beta > 0 else None
-        self.step = StudentStep(student, teacher, self.optimizer, self.student_loss, config.max_grad_norm)
+        self.step = StudentStep(student, teacher, self.optimizer, self.student_loss, config.max_grad_norm,
+                                grad_scaler(device))
         self.crop_padding = max(1, image_shape[1] // 8)
         self.seconds = {"synthesis": 0.0, "student": 0.0}
         self.images = {"synthesis": 0, "student": 0}
@@ -265,8 +194,9 @@ class _Run:
             return per_sample.mean() + attention
         return (per_sample * weights).sum() / weights.sum().clamp_min(1e-8) + attention
 
-    def iteration(self, index: int) -> tuple[float, float]:
-        """One synthesis round, then the student steps. Returns (synthesis loss, last student loss)."""
+    def iteration(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One synthesis round, then the student steps. Returns (synthesis loss, last student loss)
+        as device tensors, read only when logged."""
         self.defense.on_iteration(index, self.config.iterations)
         started = time.perf_counter()
         loss_synthesis = self.synthesizer.synthesize()
@@ -301,7 +231,7 @@ class _Run:
             torch.save(state, tmp)
 
     def load(self, path: Path) -> tuple[int, list[dict]]:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors_pickle(path, "data-free training state", "delete it to start over")
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])

@@ -25,28 +25,19 @@ from kdbackdoor.defenses.robust_kd import RobustKDConfig, RobustTeacher, robust_
 from kdbackdoor.defenses.self_retrospection import SelfRetrospection, SelfRetrospectionConfig
 from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig, suspect_transfer_images
 from kdbackdoor.distill.losses import KDConfig, kd_loss, precompute_logits
+from kdbackdoor.distill.record import (MODEL_FILE, RECORD_FILE, Backdoor, backdoor_record, combined_record,
+                                      student_metrics)
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.evaluate import check_compatible, model_metrics
+from kdbackdoor.models.compatibility import check_compatible
 from kdbackdoor.models import build_model, load_checkpoint, save_checkpoint
 from kdbackdoor.run_record import environment, file_checksums
-from kdbackdoor.runtime import channels_last, seed_everything
+from kdbackdoor.numerics import to_layout
+from kdbackdoor.runtime import seed_everything
 from kdbackdoor.training import TrainConfig, fit
-from kdbackdoor.triggers import Trigger
 
-MODEL_FILE = "model.safetensors"
-RECORD_FILE = "metrics.json"
 BASELINE_DIR = "baseline"
 RUN_FILES = (MODEL_FILE, "model.json", RECORD_FILE)
 """A finished distillation folder's files (its record last)."""
-
-
-@dataclass
-class Backdoor:
-    """The backdoor a student is checked for: trigger, target and (optionally) the source classes."""
-
-    trigger: Trigger
-    target: int
-    source_classes: list[int] | None = None
 
 
 def distill(
@@ -121,7 +112,7 @@ def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, dev
     seed_everything(config.seed)
     c, h, w = train.image_shape
     student = build_model(student_arch, num_classes=test.num_classes, in_channels=c, input_size=(h, w)).to(device)
-    teacher = channels_last(teacher.to(device)).eval()
+    teacher = to_layout(teacher.to(device)).eval()
     targets = teacher if robust is None else RobustTeacher(teacher, robust)
     augmented = config.crop_padding > 0 or config.hflip or config.cutmix > 0
     # without augmentation every row always looks the same: the teacher runs once per row, not per epoch
@@ -199,35 +190,3 @@ def _baseline(teacher, train, test, student_arch, config, kd, out_dir, *, device
     return record
 
 
-def combined_record(parts: list[dict]) -> dict | None:
-    """The run record's ``defense``: None, the one defense's record, or several as parts
-    (Shuffling Vaccine + Self-Retrospection are named abd, as in data-free runs)."""
-    if len(parts) < 2:
-        return parts[0] if parts else None
-    names = [part["name"] for part in parts]
-    return {"name": "abd" if names == ["sv", "sr"] else "+".join(names), "parts": parts}
-
-
-def defense_parts(defense: dict | None) -> list[dict]:
-    """The records of a run record's ``defense`` one by one: its ``parts``, itself when it is one
-    defense, none when there is none (no entry, or data-free KD's ``{"name": "none"}``)."""
-    if not defense or defense.get("name") == "none":
-        return []
-    return defense.get("parts", [defense])
-
-
-def student_metrics(model: torch.nn.Module, test: ImageDataset, backdoor: Backdoor | None,
-                    device: torch.device) -> dict:
-    """``model_metrics`` on ``test`` for the backdoor a distilled student is checked for (if any)."""
-    if backdoor is None:
-        return model_metrics(model, test, device=device)
-    return model_metrics(model, test, trigger=backdoor.trigger, target=backdoor.target,
-                         source_classes=backdoor.source_classes, device=device)
-
-
-def backdoor_record(backdoor: Backdoor | None) -> dict | None:
-    """The backdoor as JSON data for run records (None when there is none)."""
-    if backdoor is None:
-        return None
-    return {"trigger": backdoor.trigger.config(), "target": backdoor.target,
-            "source_classes": backdoor.source_classes}

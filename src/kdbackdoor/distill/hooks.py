@@ -32,14 +32,24 @@ class StudentStep:
     optimizer: torch.optim.Optimizer
     loss: LossFn
     max_grad_norm: float = 0.0
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scale for the plain step (None: none)
 
-    def run(self, images: torch.Tensor, weights: torch.Tensor | None = None) -> float:
-        """The plain step: loss, backward, optimiser step. Returns the loss value."""
+    def run(self, images: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The plain step: loss, backward, optimiser step. Returns the loss (a detached device
+        tensor: reading it is left to whoever logs it, so the step does not wait for the device)."""
         value = self.loss(images, weights)
         self.optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        self.apply_gradients()
-        return float(value.detach())
+        if self.scaler is None or not self.scaler.is_enabled():
+            value.backward()
+            self.apply_gradients()
+            return value.detach()
+        self.scaler.scale(value).backward()
+        self.scaler.unscale_(self.optimizer)  # clipping sees true gradients
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return value.detach()
 
     def apply_gradients(self) -> None:
         """The optimiser step on the gradients now in the student (clipped as configured)."""
@@ -65,7 +75,7 @@ class DistillDefense:
         """Weights (N,) ≥ 0 for the student's per-sample losses on pixel ``images`` (None: all 1)."""
         return None
 
-    def student_step(self, step: StudentStep, images: torch.Tensor, weights: torch.Tensor | None) -> float | None:
+    def student_step(self, step: StudentStep, images: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor | None:
         """Do the student's update on ``images`` and return its loss, or None for the plain step."""
         return None
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from kdbackdoor.numerics import autocast, layout
 from kdbackdoor.training import LossFn
 
 
@@ -76,8 +77,9 @@ def precompute_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: 
     """Logits (N, K) of ``model`` in eval mode for uint8 images (N, C, H, W), on their device."""
     model.eval()
     device = next(model.parameters()).device
-    return torch.cat([model(chunk.to(device).float() / 255).float().to(images.device)
-                      for chunk in images.split(batch_size)])
+    with torch.no_grad(), autocast(device):
+        return torch.cat([model(layout(chunk.to(device).float() / 255)).float().to(images.device)
+                          for chunk in images.split(batch_size)])
 
 
 def attention_map(features: torch.Tensor) -> torch.Tensor:

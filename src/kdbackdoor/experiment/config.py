@@ -26,13 +26,17 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kdbackdoor.attacks.adba import ADBAConfig
+from kdbackdoor.attacks.backweak import BackWeakConfig
 from kdbackdoor.attacks.distill_poisoning import DistillPoisonConfig
 from kdbackdoor.attacks.engines import EARLY_EXIT_ENGINES, ENGINES
 from kdbackdoor.attacks.teacher_poisoning import PoisonConfig
+from kdbackdoor.defenses.nad import NADConfig
 from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
 from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
 from kdbackdoor.distill.losses import KDConfig
 from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.numerics import Numerics
 from kdbackdoor.runtime import Seed
 from kdbackdoor.training import TrainConfig
 
@@ -43,15 +47,15 @@ DATA_FREE_METHODS = ("zskt", "dfad", "deepinversion", "cmi")
 DISTILL_METHODS = DATASET_METHODS + DATA_FREE_METHODS
 # defense -> the methods it applies to (ABD's to the data-free ones and to OOD KD)
 DEFENSES = {"none": DISTILL_METHODS, "abd": (*DATA_FREE_METHODS, "ood"), "sv": (*DATA_FREE_METHODS, "ood"),
-            "sr": (*DATA_FREE_METHODS, "ood"), "robust-kd": DATASET_METHODS}
+            "sr": (*DATA_FREE_METHODS, "ood"), "robust-kd": DATASET_METHODS, "nad": DISTILL_METHODS}
 TRACKERS = ("none", "tensorboard", "mlflow")
 
 # Fields that label a run or choose where it runs, not what it computes: not hashed.
-UNHASHED = ("name", "device", "tracking")
-_EMBEDDED_SEEDS = {"teacher": {"train": {"seed"}, "backdoor": {"seed"}},
-                   "distill": {"train": {"seed"}, "vaccine": {"seed"}, "retrospection": {"seed"}}}
+UNHASHED = ("name", "device", "runtime", "tracking")
+_EMBEDDED_SEEDS = {"teacher": {"train": {"seed"}, "backdoor": {"seed"}, "adba": {"seed"}, "backweak": {"seed"}},
+                   "distill": {"train": {"seed"}, "vaccine": {"seed"}, "retrospection": {"seed"}, "nad": {"seed"}}}
 # defense -> the settings sections it reads
-_DEFENSE_SETTINGS = {"vaccine": ("abd", "sv"), "retrospection": ("abd", "sr")}
+_DEFENSE_SETTINGS = {"vaccine": ("abd", "sv"), "retrospection": ("abd", "sr"), "nad": ("nad",)}
 _NESTED_KEY = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", re.DOTALL)
 _FRACTION = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*/\s*\d+(\.\d*)?\s*$")
 
@@ -79,13 +83,32 @@ class TeacherBackdoor(PoisonConfig):
 class TeacherSection(_Section):
     """Train a teacher (cached by its config) or load one (``checkpoint``)."""
 
-    checkpoint: Optional[str] = Field(None, description="load this checkpoint instead of training one")
-    arch: str = Field("small-cnn", description="architecture (see `kdbackdoor models`)")
+    checkpoint: Optional[str] = Field(None, description="load this model instead of training one: a kdbackdoor "
+                                      "checkpoint, bare .safetensors/.pt/.pth weights (with arch and num_classes), "
+                                      "a timm-layout folder or hf:OWNER/REPO[@REVISION]")
+    arch: str = Field("small-cnn", description="architecture (see `kdbackdoor models`); for a checkpoint, given "
+                      "only to read bare weights or to check it")
+    num_classes: Optional[int] = Field(None, ge=1, description="class count of bare checkpoint weights")
+    input_size: Optional[list[int]] = Field(None, min_length=2, max_length=2,
+                                            description="[H, W] the checkpoint was trained at (default: its source's)")
+    mean: Optional[list[float]] = Field(None, description="checkpoint normalisation mean, pixel [0, 1] space")
+    std: Optional[list[float]] = Field(None, description="checkpoint normalisation std")
     train: TrainConfig = Field(default_factory=TrainConfig)
     backdoor: Optional[TeacherBackdoor] = Field(None, description="null trains a clean teacher")
+    adba: Optional[ADBAConfig] = Field(None, description="ADBA-class attack: teacher and trigger trained with a "
+                                       "shadow student (replaces teacher.train and teacher.backdoor)")
+    backweak: Optional[BackWeakConfig] = Field(None, description="BackWeak-class attack: the clean teacher "
+                                               "(teacher.train) fine-tuned on a weak trigger")
     adv_model: Optional[str] = Field(None, description="clean model for the clean-label trigger's PGD step")
     holdout: float = Field(0.0, ge=0, lt=1, description="share of the training set kept out as clean holdout")
     seed: Optional[Seed] = Field(None, description="teacher seed (default: the experiment's seed)")
+
+    @model_validator(mode="after")
+    def _one_attack(self) -> "TeacherSection":
+        given = [name for name in ("backdoor", "adba", "backweak") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"teacher: choose one of backdoor, adba, backweak (got {', '.join(given)})")
+        return self
 
 
 class PoisonSection(DistillPoisonConfig):
@@ -116,7 +139,7 @@ class DistillSection(_Section):
                                              "ood: images of another data set, KL only; zskt, dfad, "
                                              "deepinversion, cmi: data-free")
     defense: Literal[tuple(DEFENSES)] = Field("none", description="none | abd | sv | sr (data-free, ood) | "
-                                              "robust-kd (dataset, ood)")
+                                              "robust-kd (dataset, ood) | nad (any: purifies the student)")
     student_arch: str = Field("small-cnn", description="student architecture")
     data: Optional[str] = Field(None, description="transfer set spec (default: the data set's train split; "
                                 "required for ood)")
@@ -130,6 +153,8 @@ class DistillSection(_Section):
                                                       "sv; null: ABD's defaults)")
     retrospection: Optional[SelfRetrospectionConfig] = Field(None, description="Self-Retrospection settings "
                                                              "(defense abd, sr; null: ABD's defaults)")
+    nad: Optional[NADConfig] = Field(None, description="NAD purification settings (defense nad; null: defaults, "
+                                     "500 clean images of the data set's train split)")
     seed: Optional[Seed] = Field(None, description="student seed (default: the experiment's seed)")
 
     @model_validator(mode="after")
@@ -172,6 +197,21 @@ class TrackingSection(_Section):
                                "(default: RESULTS/tensorboard or RESULTS/mlruns)")
 
 
+class RuntimeSection(_Section):
+    """How the run computes (not what): precision, memory layout, compilation. Not part of the
+    run's identity, so a kit resumed on another machine continues the same runs; the record
+    says what was used (``environment.numerics``)."""
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the device computes it natively (CUDA, AVX-512 BF16 CPUs), else "
+        "fp32; fp16 trains with a dynamic loss scale")
+    channels_last: bool = Field(True, description="store convolution weights and batches channels-last (NHWC)")
+    compile: bool = Field(False, description="torch.compile the models' forward (minutes of compilation; long runs)")
+
+    def numerics(self) -> Numerics:
+        return Numerics(self.precision, self.channels_last, self.compile)
+
+
 class ExperimentConfig(_Section):
     """A whole experiment, from data to evaluation."""
 
@@ -184,16 +224,17 @@ class ExperimentConfig(_Section):
     distill: DistillSection = Field(default_factory=DistillSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
 
     @field_validator("teacher", "distill")
     @classmethod
     def _no_embedded_seed(cls, section, info):
         if "seed" in section.train.model_fields_set:
             raise ValueError(f"set {info.field_name}.seed (or seed), not {info.field_name}.train.seed")
-        for name in ("vaccine", "retrospection"):
+        for name in ("vaccine", "retrospection", "nad", "adba", "backweak"):
             settings = getattr(section, name, None)
             if settings is not None and "seed" in settings.model_fields_set:
-                raise ValueError(f"set distill.seed (or seed), not distill.{name}.seed")
+                raise ValueError(f"set {info.field_name}.seed (or seed), not {info.field_name}.{name}.seed")
         if info.field_name == "teacher" and section.backdoor and "seed" in section.backdoor.model_fields_set:
             raise ValueError("set teacher.seed (or seed), not teacher.backdoor.seed")
         return section

@@ -7,18 +7,19 @@ distillation entry points, so a new method or defense is wired in here only.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from pydantic import ValidationError
 
 from kdbackdoor.data.dataset import ImageDataset
-from kdbackdoor.distill.dataset_kd import Backdoor
+from kdbackdoor.distill.record import Backdoor
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.experiment.config import DATA_FREE_METHODS, ExperimentConfig
 
 # Defenses wired in below; the config accepts every name of ``config.DEFENSES``.
-AVAILABLE_DEFENSES = ("none", "abd", "sv", "sr", "robust-kd")
+AVAILABLE_DEFENSES = ("none", "abd", "sv", "sr", "robust-kd", "nad")
 
 
 def check_available(config: ExperimentConfig) -> None:
@@ -76,15 +77,44 @@ def distill_student(
                      if uses_retrospection else None)
     if section.method in DATA_FREE_METHODS:
         from kdbackdoor.distill.data_free import distill_data_free
-        defense = build_data_free_defense(section.defense, vaccine=vaccine, retrospection=retrospection)
-        _, record = distill_data_free(teacher, test, section.student_arch, _data_free_config(config), out_dir,
-                                      defense=defense, **common)
-        return record
+        defense = build_data_free_defense("none" if section.defense == "nad" else section.defense, vaccine=vaccine,
+                                          retrospection=retrospection)
+        student, record = distill_data_free(teacher, test, section.student_arch, _data_free_config(config), out_dir,
+                                            defense=defense, **common)
+        return _purified(config, student, record, test, out_dir, device, backdoor, progress)
     from kdbackdoor.defenses.robust_kd import RobustKDConfig
     from kdbackdoor.distill.dataset_kd import distill
     train_config = section.train.model_copy(update={"seed": seed})
     robust = RobustKDConfig(seed=seed) if section.defense == "robust-kd" else None
-    _, record = distill(teacher, transfer, test, section.student_arch, train_config, section.kd, out_dir,
-                        baseline=section.baseline, robust=robust, vaccine=vaccine, retrospection=retrospection,
-                        **common)
+    student, record = distill(teacher, transfer, test, section.student_arch, train_config, section.kd, out_dir,
+                              baseline=section.baseline, robust=robust, vaccine=vaccine, retrospection=retrospection,
+                              **common)
+    return _purified(config, student, record, test, out_dir, device, backdoor, progress)
+
+
+def _purified(config: ExperimentConfig, student: torch.nn.Module, record: dict, test: ImageDataset, out_dir: Path,
+              device: torch.device, backdoor: Backdoor | None, progress: bool) -> dict:
+    """With defense nad: the distilled student purified by NAD on ``nad.clean_size`` images of the data
+    set's train split (the defender's clean set); the record's metrics become the purified
+    student's, the distilled one's stay as ``metrics_before_defense``. Else ``record`` unchanged."""
+    if config.distill.defense != "nad":
+        return record
+    from kdbackdoor.atomic import write_json
+    from kdbackdoor.data.sources import load_dataset
+    from kdbackdoor.defenses.nad import NADConfig, nad_purify
+    from kdbackdoor.distill.record import RECORD_FILE, student_metrics
+    from kdbackdoor.models import save_checkpoint
+
+    folder = out_dir / "nad"
+    done = folder / RECORD_FILE
+    if done.is_file():
+        return json.loads(done.read_text())
+    nad = (config.distill.nad or NADConfig()).model_copy(update={"seed": config.stage_seed("distill")})
+    data = config.data
+    clean = load_dataset(data.dataset, "train", data_dir=data.data_dir, resize=data.resize, progress=progress)
+    purified, nad_record = nad_purify(student, clean, nad, folder, device=device, progress=progress, resume=True)
+    record = {**record, "metrics_before_defense": record["metrics"], "defense": nad_record,
+              "metrics": student_metrics(purified, test, backdoor, device)}
+    save_checkpoint(purified, folder / "model.safetensors", classes=test.classes, metadata=record)
+    write_json(done, record)
     return record

@@ -6,9 +6,13 @@
 - ``html``: one self-contained file (CSS and PNGs inline as base64) that opens in a browser;
 - ``md``: a Markdown file, its PNGs in ``<out stem>_files/`` beside it.
 
-Contents: every condition (mean ± std over seeds), the ABD layout and the attack's factor
-tables where the runs allow them, the plots ASR vs λ and ACC vs ASR, and image grids of the
-triggers, the poisons beside their clean sources, and data-free synthetic samples.
+Contents, in reading order: a summary (one row per run, or the caller's own table, such as the
+demo's), one table per kind of experiment (named runs, only the settings that vary, ACC, ASR,
+target without trigger, defense cost), filter audits when the caller has them, the ABD layout and
+the attack's factor tables where the runs allow them, the plots ASR vs λ and ACC vs ASR (legends
+name only what varies), and image grids of the triggers, the poisons beside their clean sources,
+and data-free synthetic samples. The HTML page fits a 1280 px window: tables wrap their cells,
+plots are shown at their natural width or the page's.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ from typing import Iterable, Literal
 
 from kdbackdoor.atomic import atomic_path, write_bytes
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.experiment.summary import (Run, Table, abd_table, attack_tables, conditions_table, group,
-                                           load_runs, mean_std, metric_values, short_key, varied_keys)
+from kdbackdoor.experiment.summary import (Run, Table, abd_table, attack_tables, condition_keys, experiment_tables,
+                                           group, load_runs,
+                                           mean_std, metric_values, run_name, settings_text, summary_table,
+                                           varied_keys)
 
 FORMATS = ("html", "md")
 MAX_IMAGES = 12  # per image section
+LEGEND_WIDTH = 48  # characters per legend line: a legend never widens a plot past the page
 
 
 @dataclass
@@ -40,10 +47,14 @@ class Figure:
     png: bytes
 
 
-def write_report(paths: Iterable[str | Path], out: str | Path, fmt: Literal["html", "md"] | None = None) -> Path:
+def write_report(paths: Iterable[str | Path], out: str | Path, fmt: Literal["html", "md"] | None = None, *,
+                 summary: Table | None = None, audits: list[dict] | None = None) -> Path:
     """Write the report of the runs under ``paths`` to ``out``; return its path.
 
-    ``fmt`` defaults to the suffix of ``out`` (.md: Markdown, else HTML).
+    ``fmt`` defaults to the suffix of ``out`` (.md: Markdown, else HTML). ``summary`` replaces the
+    default one-row-per-run summary; ``audits`` are filter detection reports (``name``, ``set``,
+    ``auroc``, ``tpr_at_5fpr``, ``flagged``, ``poisons``, ``true_positives``, ``precision``,
+    ``recall``), shown as a filter-audit table.
     """
     out = Path(out)
     fmt = fmt or ("md" if out.suffix.lower() == ".md" else "html")
@@ -53,7 +64,8 @@ def write_report(paths: Iterable[str | Path], out: str | Path, fmt: Literal["htm
     runs = load_runs(paths)
     if not runs:
         raise KDBackdoorError(f"no complete run under {', '.join(map(str, paths))}")
-    tables = [conditions_table(runs), *filter(None, [abd_table(runs)]), *attack_tables(runs)]
+    tables = [summary or summary_table(runs), *experiment_tables(runs), *([audit_table(audits)] if audits else []),
+              *filter(None, [abd_table(runs)]), *attack_tables(runs)]
     plots = list(filter(None, [asr_vs_lambda(runs), acc_vs_asr(runs)]))
     images = image_sections(runs)
     title = f"kdbackdoor report: {len(runs)} runs"
@@ -75,8 +87,27 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _condition_label(run: Run, keys: list[str]) -> str:
-    return ", ".join(f"{short_key(key)}={run.config.get(key)}" for key in keys) or "all runs"
+def audit_table(audits: list[dict]) -> Table:
+    """Filter audits against the provenance: ranking quality, and what the filter's own rule caught."""
+    rows = [[audit.get("name", "?"), audit.get("set", ""), f"{audit['auroc']:.3f}", f"{100 * audit['tpr_at_5fpr']:.1f}",
+             str(audit["flagged"]), f"{audit['true_positives']} of {audit['poisons']}",
+             f"{100 * audit['precision']:.1f}", f"{100 * audit['recall']:.1f}"] for audit in audits]
+    return Table("Filter audits", ["filter", "set", "AUROC", "TPR at 5% FPR", "rule flagged", "poisons caught",
+                                   "precision", "recall"], rows,
+                 "scores against the set's provenance (the filter never reads it); AUROC and TPR rank all samples, "
+                 "precision and recall (percent) are of the samples the filter's own rule flags")
+
+
+def _legend_labels(groups: dict[tuple, list[Run]], keys: list[str]) -> dict[tuple, str]:
+    """What tells plotted conditions apart: their run names when each condition has its own, else the
+    settings that vary (a defense's own settings only for defended runs); wrapped to ``LEGEND_WIDTH``."""
+    import textwrap
+    names = {values: {run_name(run) for run in members} for values, members in groups.items()}
+    by_name = all(len(n) == 1 for n in names.values()) and len({next(iter(n)) for n in names.values()}) == len(names)
+    texts = {values: next(iter(names[values])) if by_name else settings_text(members[0], keys)
+             for values, members in groups.items()}
+    return {values: "\n".join(textwrap.wrap(text, LEGEND_WIDTH, max_lines=3, placeholder=" …")) or "all runs"
+            for values, text in texts.items()}
 
 
 def asr_vs_lambda(runs: list[Run]) -> Figure | None:
@@ -89,24 +120,25 @@ def asr_vs_lambda(runs: list[Run]) -> Figure | None:
     runs = [run for run in runs if run.metric("asr") is not None]
     if key not in varied_keys(runs):
         return None
-    other = [k for k in varied_keys(runs) if k != key]
+    other = [k for k in condition_keys(runs) if k != key]
     figure, axis = plt.subplots(figsize=(6, 4))
-    for _, members in group(runs, other).items():
+    lines = group(runs, other)
+    labels = _legend_labels(lines, other)
+    for values, members in lines.items():
         points = [(lam, mean_std(metric_values(cell, "asr"))) for (lam,), cell in group(members, [key]).items()]
         xs = [lam for lam, _ in points]
         axis.errorbar(xs, [100 * m for _, (m, _) in points], yerr=[100 * s for _, (_, s) in points], marker="o",
-                      capsize=3, label=_condition_label(members[0], other))
+                      capsize=3, label=labels[values])
         baseline = [(lam, mean_std(metric_values(cell, "baseline_asr"))) for (lam,), cell in
                     group(members, [key]).items() if metric_values(cell, "baseline_asr")]
         if baseline:
             axis.plot([lam for lam, _ in baseline], [100 * m for _, (m, _) in baseline], linestyle="--",
-                      marker="x", color="grey", label="unpoisoned" + (f" ({_condition_label(members[0], other)})"
-                                                                      if other else ""))
+                      marker="x", color="grey", label="unpoisoned" + (f" ({labels[values]})" if other else ""))
     axis.set_xlabel("λ (weight of the KD term)")
     axis.set_ylabel("student ASR (%)")
     axis.set_ylim(-2, 102)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, loc="upper left")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     return Figure("asr_vs_lambda.png", "Student ASR vs λ (mean ± std over seeds)", _png(figure))
 
 
@@ -119,19 +151,20 @@ def acc_vs_asr(runs: list[Run]) -> Figure | None:
     runs = [run for run in runs if run.metric("asr") is not None]
     if not runs:
         return None
-    keys = varied_keys(runs)
+    keys = condition_keys(runs)
     groups = group(runs, keys)
     figure, axis = plt.subplots(figsize=(6, 4))
-    for _, members in groups.items():
+    labels = _legend_labels(groups, keys)
+    for values, members in groups.items():
         (acc, acc_std), (asr, asr_std) = mean_std(metric_values(members, "acc")), mean_std(metric_values(members, "asr"))
         axis.errorbar(100 * asr, 100 * acc, xerr=100 * asr_std, yerr=100 * acc_std, marker="o", capsize=3,
-                      label=_condition_label(members[0], keys) if len(groups) <= 12 else None)
+                      label=labels[values] if len(groups) <= 12 else None)
     axis.set_xlabel("student ASR (%)")
     axis.set_ylabel("student ACC (%)")
     axis.set_xlim(-2, 102)
     axis.grid(alpha=0.3)
     if len(groups) <= 12:
-        axis.legend(fontsize=7, loc="lower left")
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     return Figure("acc_vs_asr.png", "Student ACC vs ASR, one point per condition", _png(figure))
 
 
@@ -166,11 +199,13 @@ def image_sections(runs: list[Run]) -> list[tuple[str, list[Figure]]]:
     return [(title, figures) for title, figures in sections if figures]
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
-table{border-collapse:collapse;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}.note{color:#666;font-size:90%}
-figure{display:inline-block;margin:0.5em;vertical-align:top}figcaption{font-size:85%;color:#444;max-width:420px}
-img{image-rendering:pixelated;max-width:560px}"""
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;padding:0 1em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em;max-width:100%}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right;overflow-wrap:anywhere}
+th{background:#f0f0f0}td:first-child,th:first-child,td.text{text-align:left}.note{color:#666;font-size:90%}
+figure{display:inline-block;margin:0.5em;vertical-align:top;max-width:100%}
+figcaption{font-size:85%;color:#444;max-width:420px}
+img{max-width:100%}img.grid{image-rendering:pixelated;max-width:560px}"""
 
 
 def render_html(title: str, sources: str, tables: list[Table], plots: list[Figure],
@@ -182,19 +217,21 @@ def render_html(title: str, sources: str, tables: list[Table], plots: list[Figur
     for table in tables:
         parts.append(f"<h2>{e(table.title)}</h2><p class='note'>{e(table.note)}</p><table><thead><tr>"
                      + "".join(f"<th>{e(c)}</th>" for c in table.columns) + "</tr></thead><tbody>")
-        parts.extend("<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>" for row in table.rows)
+        text_columns = {i for i, c in enumerate(table.columns) if c.startswith("settings") or c == "set"}
+        parts.extend("<tr>" + "".join(f"<td class='text'>{e(cell)}</td>" if i in text_columns else f"<td>{e(cell)}</td>"
+                                      for i, cell in enumerate(row)) + "</tr>" for row in table.rows)
         parts.append("</tbody></table>")
     if plots:
-        parts.append("<h2>Plots</h2>" + "".join(_html_figure(f) for f in plots))
+        parts.append("<h2>Plots</h2>" + "".join(_html_figure(f, "plot") for f in plots))
     for section, figures in images:
-        parts.append(f"<h2>{e(section)}</h2>" + "".join(_html_figure(f) for f in figures))
+        parts.append(f"<h2>{e(section)}</h2>" + "".join(_html_figure(f, "grid") for f in figures))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
 
-def _html_figure(figure: Figure) -> str:
+def _html_figure(figure: Figure, kind: str) -> str:
     data = base64.b64encode(figure.png).decode()
-    return (f"<figure><img alt='{html.escape(figure.title)}' src='data:image/png;base64,{data}'>"
+    return (f"<figure><img class='{kind}' alt='{html.escape(figure.title)}' src='data:image/png;base64,{data}'>"
             f"<figcaption>{html.escape(figure.title)}</figcaption></figure>")
 
 

@@ -35,6 +35,7 @@ from kdbackdoor.experiment.distillation import check_available, distill_student
 from kdbackdoor.experiment.stages import poison_stage, teacher_stage, transfer_seed
 from kdbackdoor.experiment.tracking import check_tracking, track_run
 from kdbackdoor.run_record import upgrade_fields
+from kdbackdoor.numerics import use_numerics
 from kdbackdoor.runtime import cpu_generator, select_device
 
 log = logging.getLogger("kdbackdoor.experiment")
@@ -65,7 +66,7 @@ def preflight(config: ExperimentConfig) -> None:
     Raises ``KDBackdoorError`` naming the config key.
     """
     from kdbackdoor.data.sources import SOURCES  # importing sources registers them
-    from kdbackdoor.models import available_architectures
+    from kdbackdoor.models.registry import ARCHITECTURES
     from kdbackdoor.triggers import parse_spec
 
     def fail(key: str, problem: str) -> None:
@@ -73,10 +74,10 @@ def preflight(config: ExperimentConfig) -> None:
 
     for key, spec in (("data.dataset", config.data.dataset), ("distill.data", config.distill.data)):
         if spec is not None and spec.partition(":")[0] not in SOURCES:
-            fail(key, f"unknown data set {spec!r}; available: {', '.join(sorted(SOURCES))}")
+            fail(key, str(SOURCES.unknown(spec)))
     for key, arch in (("teacher.arch", config.teacher.arch), ("distill.student_arch", config.distill.student_arch)):
-        if arch not in available_architectures():
-            fail(key, f"unknown architecture {arch!r}; available: {', '.join(available_architectures())}")
+        if arch not in ARCHITECTURES:
+            fail(key, str(ARCHITECTURES.unknown(arch)))
     triggers = {"teacher.backdoor.trigger": config.teacher.backdoor and config.teacher.backdoor.trigger,
                 "poison.trigger": config.poison and config.poison.trigger,
                 "evaluation.trigger": config.evaluation.trigger}
@@ -156,7 +157,8 @@ def run_experiment(config: ExperimentConfig, results: str | Path, *, label: dict
         log.setLevel(logging.INFO)
         try:
             log.info("run %s (%s) started", config.run_id(), config.name)
-            record = _execute(config, results, folder, label or {}, sweep, progress)
+            with use_numerics(config.runtime.numerics()):
+                record = _execute(config, results, folder, label or {}, sweep, progress)
             log.info("run %s complete: ACC %.4f%s", config.run_id(), record["metrics"]["acc"],
                      f", ASR {record['metrics']['asr']:.4f}" if "asr" in record["metrics"] else "")
             return record
@@ -225,7 +227,7 @@ def evaluation_backdoor(config: ExperimentConfig, manifest: dict | None, teacher
                         image_shape: tuple[int, int, int]):
     """The backdoor the student's ASR is measured for: ``evaluation.trigger``, else the poisoned
     set's, else the teacher's recorded one, else none."""
-    from kdbackdoor.distill.dataset_kd import Backdoor
+    from kdbackdoor.distill.record import Backdoor
     from kdbackdoor.triggers import build_trigger
 
     section = config.evaluation

@@ -110,13 +110,17 @@ def teacher_stage(config: ExperimentConfig, cache: Path, train: Callable[[], Ima
     its record: the checkpoint's metadata, stage info).
     """
     from kdbackdoor.models import load_checkpoint
-    from kdbackdoor.teacher import MODEL_FILE, train_teacher
+    from kdbackdoor.teacher import MODEL_FILE, train_kd_attack_teacher, train_teacher
 
     section = config.teacher
     if section.checkpoint is not None:
         started = time.perf_counter()
-        model, sidecar = load_checkpoint(section.checkpoint, device=device)
-        info = StageInfo("teacher", "file:" + str(sidecar.get("weights_sha256", ""))[:KEY_LENGTH],
+        model, sidecar = load_checkpoint(
+            section.checkpoint, device=device, arch=section.arch if "arch" in section.model_fields_set else None,
+            num_classes=section.num_classes, input_size=tuple(section.input_size) if section.input_size else None,
+            mean=section.mean, std=section.std)
+        sha256 = sidecar.get("weights_sha256") or (sidecar.get("source") or {}).get("sha256", "")
+        info = StageInfo("teacher", "file:" + str(sha256)[:KEY_LENGTH],
                          section.checkpoint, True, time.perf_counter() - started)
         return model.eval(), sidecar.get("metadata") or {}, info
 
@@ -127,6 +131,12 @@ def teacher_stage(config: ExperimentConfig, cache: Path, train: Callable[[], Ima
         backdoor = section.backdoor
         trigger = build_trigger(backdoor.trigger, image_shape=data.image_shape, seed=seed) if backdoor else None
         poison = PoisonConfig(**backdoor.model_dump(exclude={"trigger", "seed"}), seed=seed) if backdoor else None
+        if section.adba or section.backweak:
+            attack = (section.adba or section.backweak).model_copy(update={"seed": seed})
+            train_kd_attack_teacher(data, test, section.arch, section.train.model_copy(update={"seed": seed}), folder,
+                                    attack, device=device, progress=progress,
+                                    metadata={"dataset": dataset_record(config)})
+            return
         adversary = load_checkpoint(section.adv_model, device=device)[0] if section.adv_model else None
         train_teacher(data, test, section.arch, section.train.model_copy(update={"seed": seed}), folder,
                       device=device, resume=True, progress=progress, trigger=trigger, holdout=section.holdout,

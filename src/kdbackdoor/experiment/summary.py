@@ -33,7 +33,7 @@ METRIC_TITLES = {"acc": "ACC", "asr": "ASR", "target_without_trigger": "target w
                  "teacher_acc": "teacher ACC", "teacher_asr": "teacher ASR",
                  "baseline_acc": "unpoisoned ACC", "baseline_asr": "unpoisoned ASR"}
 # Config keys that are replicates or bookkeeping, not conditions.
-NOT_CONDITIONS = re.compile(r"^(seed|name|device|tracking\..*|(teacher|poison|distill)\.seed)$")
+NOT_CONDITIONS = re.compile(r"^(seed|name|device|tracking\..*|runtime\..*|(teacher|poison|distill)\.seed)$")
 ATTACK_FACTORS = {"distill.kd.kd_lambda": "λ", "poison.method": "manipulation method",
                   "poison.rate": "poison rate", "poison.trigger": "trigger"}
 # ABD's columns, in its order; `dataset` is distillation on the clean training data (its reference).
@@ -127,15 +127,103 @@ def metric_values(runs: list[Run], name: str) -> list[float]:
     return [value for value in (run.metric(name) for run in runs) if value is not None]
 
 
-def conditions_table(runs: list[Run]) -> Table:
-    """Every condition with n and mean ± std of each metric that any run has."""
-    keys = varied_keys(runs)
-    metrics = [name for name in METRICS if any(run.metric(name) is not None for run in runs)]
-    rows = [[_fmt(value) for value in values] + [str(len(members))] + [stat(metric_values(members, name))
-                                                                        for name in metrics]
-            for values, members in group(runs, keys).items()]
-    return Table("All conditions", [short_key(key) for key in keys] + ["n"] + [METRIC_TITLES[m] for m in metrics],
-                 rows, "percent; mean ± std over seeds (n runs)")
+# A defense's own settings: they vary with the defense, so they are not conditions of their own.
+DEFENSE_KEYS = re.compile(r"^distill\.(defense|vaccine|retrospection|robust|robust_kd)(\.|$)")
+DATA_FREE_METHODS = ("zskt", "dfad", "deepinversion", "cmi")
+EXPERIMENT_TITLES = {"poisoned": "Poisoned distillation set (clean teacher)",
+                     "data-free": "Data-free distillation", "ood": "Out-of-distribution distillation",
+                     "dataset": "Distillation on clean data"}
+
+
+def run_name(run: Run) -> str:
+    """The run's name in its sweep (``name`` label), else its id."""
+    return str((run.record.get("label") or {}).get("name") or run.record.get("name") or run.record["run_id"])
+
+
+def experiment_kind(run: Run) -> str:
+    """Which of ``EXPERIMENT_TITLES`` a run belongs to."""
+    method = run.config.get("distill.method")
+    if run.record.get("poisoned_set"):
+        return "poisoned"
+    return "data-free" if method in DATA_FREE_METHODS else "ood" if method == "ood" else "dataset"
+
+
+def condition_keys(runs: list[Run]) -> list[str]:
+    """The config keys that tell conditions apart: ``varied_keys``, but a defense's own settings only
+    when they differ between runs that have the defense (not merely between defended and undefended)."""
+    defended = [run for run in runs if run.config.get("distill.defense") not in (None, "none")]
+    among_defended = set(varied_keys(defended))
+    return [key for key in varied_keys(runs)
+            if not DEFENSE_KEYS.match(key) or key == "distill.defense" or key in among_defended]
+
+
+def settings_text(run: Run, keys: list[str]) -> str:
+    """``key=value`` for the ``keys`` the run sets (short key names); a defense's own settings only
+    when the run has that defense."""
+    defended = run.config.get("distill.defense") not in (None, "none")
+    parts = [f"{short_key(key)}={_fmt(run.config.get(key))}" for key in keys
+             if run.config.get(key) is not None and (defended or not DEFENSE_KEYS.match(key)
+                                                     or key == "distill.defense")]
+    return ", ".join(parts) or "–"
+
+
+def defense_seconds(run: Run) -> float | None:
+    """Seconds the run's defense spent on its own work (sum over its parts), if it recorded them."""
+    parts = (run.record.get("defense") or {}).get("parts") or []
+    seconds = [part.get("seconds_this_run", part.get("seconds_this_session")) for part in parts]
+    seconds = [value for value in seconds if value is not None]
+    return sum(seconds) if seconds else None
+
+
+def experiment_tables(runs: list[Run]) -> list[Table]:
+    """One table per kind of experiment: a row per condition (named by its runs), only the settings
+    that vary within the experiment, then ACC, ASR, target without trigger and what the defense cost
+    (ACC against the same condition undefended, and its own seconds)."""
+    tables = []
+    for kind, title in EXPERIMENT_TITLES.items():
+        members = [run for run in runs if experiment_kind(run) == kind]
+        if not members:
+            continue
+        keys = condition_keys(members)
+        conditions = group(members, keys)
+        undefended = {tuple(v for k, v in zip(keys, values) if not DEFENSE_KEYS.match(k)): cell
+                      for values, cell in conditions.items() if cell[0].config.get("distill.defense") in (None, "none")}
+        rows = []
+        for values, cell in conditions.items():
+            names = sorted({run_name(run) for run in cell})
+            reference = undefended.get(tuple(v for k, v in zip(keys, values) if not DEFENSE_KEYS.match(k)))
+            defended = cell[0].config.get("distill.defense") not in (None, "none")
+            cost = "–"
+            if defended and reference and metric_values(cell, "acc") and metric_values(reference, "acc"):
+                delta = mean_std(metric_values(cell, "acc"))[0] - mean_std(metric_values(reference, "acc"))[0]
+                cost = f"ACC {100 * delta:+.1f}"
+            seconds = [value for value in map(defense_seconds, cell) if value is not None]
+            if defended and seconds:
+                cost += f"; {sum(seconds) / len(seconds):.0f} s"
+            rows.append([", ".join(names), settings_text(cell[0], keys), str(len(cell)),
+                         stat(metric_values(cell, "acc")), stat(metric_values(cell, "asr")),
+                         stat(metric_values(cell, "target_without_trigger")), cost])
+        columns = ["run", "settings that vary" if keys else "settings", "n", "ACC", "ASR", "target w/o trigger",
+                   "defense cost"]
+        if kind == "poisoned" and metric_values(members, "baseline_asr"):
+            columns[-1:-1] = ["unpoisoned ACC", "unpoisoned ASR"]
+            for row, cell in zip(rows, conditions.values()):
+                row[-1:-1] = [stat(metric_values(cell, "baseline_acc")), stat(metric_values(cell, "baseline_asr"))]
+        tables.append(Table(title, columns, rows,
+                            "percent, mean ± std over seeds (n runs); 'target w/o trigger': share of non-target test "
+                            "images called the target without the trigger; defense cost: ACC change against the "
+                            "same settings undefended, and the defense's own seconds"))
+    return tables
+
+
+def summary_table(runs: list[Run]) -> Table:
+    """One row per run: its name, experiment, the teacher's and the student's ACC and ASR."""
+    rows = [[run_name(run), EXPERIMENT_TITLES[experiment_kind(run)].split(" (")[0],
+             stat(metric_values([run], "teacher_acc")), stat(metric_values([run], "teacher_asr")),
+             stat(metric_values([run], "acc")), stat(metric_values([run], "asr"))]
+            for run in sorted(runs, key=lambda run: (list(EXPERIMENT_TITLES).index(experiment_kind(run)), run_name(run)))]
+    return Table("Summary", ["run", "experiment", "teacher ACC", "teacher ASR", "student ACC", "student ASR"], rows,
+                 "percent; one row per run")
 
 
 def abd_table(runs: list[Run]) -> Table | None:
@@ -144,8 +232,8 @@ def abd_table(runs: list[Run]) -> Table | None:
             and run.config.get("distill.method") in ABD_METHODS and not run.record.get("poisoned_set")]
     if not runs:
         return None
-    other = [key for key in varied_keys(runs) if key not in ("teacher.backdoor.trigger", "distill.method",
-                                                             "distill.defense")]
+    other = [key for key in varied_keys(runs) if key not in ("teacher.backdoor.trigger", "distill.method")
+             and not DEFENSE_KEYS.match(key)]
     methods = sorted(group(runs, ["distill.method", "distill.defense"]),
                      key=lambda pair: (ABD_METHODS.index(pair[0]), pair[1] != "none", pair[1]))
     columns = [short_key(key) for key in other] + ["trigger", "teacher ACC / ASR"]

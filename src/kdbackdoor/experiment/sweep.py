@@ -67,6 +67,9 @@ class SweepSpec(BaseModel):
     zip: Union[dict[str, list[Any]], list[dict[str, list[Any]]]] = Field(
         default_factory=list, description="dotted key -> values, lists of equal length varied together")
     seeds: Optional[list[int]] = Field(None, min_length=1, description="one run per seed (sets `seed`)")
+    scales: dict[str, dict[str, Any]] = Field(default_factory=dict, description="named sizes of the same sweep, "
+                                              "e.g. smoke: each replaces the listed top-level entries (overrides, "
+                                              "grid, zip, seeds) and keeps the others")
 
     @model_validator(mode="after")
     def _lists(self) -> "SweepSpec":
@@ -107,11 +110,19 @@ class SweepResult:
     seconds: float = 0.0
 
 
-def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepSpec, list[SweepRun]]:
-    """Read a sweep file and expand it; ``overrides`` (``key=value``) apply to every run."""
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+               scale: str | None = None) -> tuple[SweepSpec, list[SweepRun]]:
+    """Read a sweep file and expand it; ``overrides`` (``key=value``) apply to every run. ``scale``
+    names one of the file's ``scales``: its entries replace the file's (same graph, other sizes)."""
     path = Path(path)
     try:
         spec = SweepSpec(**read_yaml(path))
+        if scale is not None:
+            if scale not in spec.scales:
+                known = ", ".join(spec.scales) or "none"
+                raise KDBackdoorError(f"{path}: no scale {scale!r} (this sweep has: {known})")
+            spec = SweepSpec(**{**spec.model_dump(exclude={"scales"}), **spec.scales[scale],
+                                "name": f"{spec.name}-{scale}"})
     except ValidationError as exc:
         raise KDBackdoorError(f"{path}: {describe_errors(exc, SweepSpec)}") from None
     base = read_yaml(path.parent / spec.base) if spec.base else {}

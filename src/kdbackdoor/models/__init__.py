@@ -6,12 +6,14 @@ from kdbackdoor.models import (  # noqa: F401
 )
 from kdbackdoor.models.checkpoint import load_checkpoint, save_checkpoint
 from kdbackdoor.models.classifier import Classifier
+from kdbackdoor.models.compatibility import check_compatible
 from kdbackdoor.models.registry import available_architectures, build_model
 
 __all__ = [
     "Classifier",
     "available_architectures",
     "build_model",
+    "check_compatible",
     "load_checkpoint",
     "save_checkpoint",
 ]

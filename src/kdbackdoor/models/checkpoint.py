@@ -24,6 +24,7 @@ import kdbackdoor
 from kdbackdoor.atomic import write_bytes, write_json
 from kdbackdoor.digest import sha256_file
 from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.numerics import to_layout
 from kdbackdoor.models.classifier import Classifier
 from kdbackdoor.models.foreign import check_tensors, expected_tensors, load_bare_weights
 from kdbackdoor.models.hub import HUB_PREFIX, is_timm_folder, load_timm
@@ -186,7 +187,7 @@ def load_checkpoint(
              "std": [float(v) for v in std] if std is not None else None}
     if str(path).startswith(HUB_PREFIX) or is_timm_folder(Path(path)):
         model, classes, source = load_timm(str(path), **given)
-        return model.to(device).eval(), {**_describe(model), "classes": classes, "metadata": {}, "source": source}
+        return to_layout(model.to(device)).eval(), {**_describe(model), "classes": classes, "metadata": {}, "source": source}
     weights_path, sidecar_path = _resolve(Path(path))
     if sidecar_path is None:
         if arch is None or num_classes is None:
@@ -198,7 +199,7 @@ def load_checkpoint(
             weights_path, arch=arch, num_classes=num_classes, in_channels=in_channels,
             input_size=input_size, mean=mean, std=std,
         )
-        return model.to(device).eval(), {**_describe(model), "classes": None, "metadata": {}, "source": source}
+        return to_layout(model.to(device)).eval(), {**_describe(model), "classes": None, "metadata": {}, "source": source}
     config = _read_sidecar(sidecar_path)
     for key, value in given.items():
         if value is not None and config[key] != value:
@@ -212,4 +213,4 @@ def load_checkpoint(
         )
     model = _build(config)
     model.load_state_dict(tensors)
-    return model.to(device).eval(), config
+    return to_layout(model.to(device)).eval(), config

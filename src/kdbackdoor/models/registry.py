@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models.backbone import Backbone
 from kdbackdoor.models.classifier import Classifier
+from kdbackdoor.registry import Registry
 
 if TYPE_CHECKING:
     from kdbackdoor.models.naming import Naming
@@ -44,7 +45,7 @@ class ArchSpec:
     namings: tuple["Naming", ...] = field(default=())
 
 
-_SPECS: dict[str, ArchSpec] = {}
+ARCHITECTURES: Registry[ArchSpec] = Registry("architecture")
 
 
 def register(
@@ -55,12 +56,10 @@ def register(
     """Decorator: make the backbone builder available to ``build_model`` as ``name``."""
 
     def decorate(builder: BackboneBuilder) -> BackboneBuilder:
-        if name in _SPECS:
-            raise ValueError(f"architecture {name!r} is registered twice")
-        _SPECS[name] = ArchSpec(
+        ARCHITECTURES.add(name, ArchSpec(
             builder, tuple(input_size), tuple(mean) if mean else None, tuple(std) if std else None,
             min_input_size, min_input_reason, tuple(namings),
-        )
+        ))
         return builder
 
     return decorate
@@ -68,16 +67,12 @@ def register(
 
 def available_architectures() -> list[str]:
     """Registered architecture names, sorted."""
-    return sorted(_SPECS)
+    return ARCHITECTURES.names()
 
 
 def arch_spec(arch: str) -> ArchSpec:
     """The registered description of ``arch``; unknown names raise ``KDBackdoorError``."""
-    if arch not in _SPECS:
-        raise KDBackdoorError(
-            f"unknown architecture {arch!r}; known: {', '.join(available_architectures())}"
-        )
-    return _SPECS[arch]
+    return ARCHITECTURES[arch]
 
 
 def _check_positive_int(what: str, value: object) -> None:

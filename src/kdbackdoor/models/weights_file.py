@@ -20,6 +20,7 @@ import safetensors.torch
 import torch
 
 from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.state_file import refusal_reason
 
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth")
@@ -90,14 +91,6 @@ def _check_header_entry(path: Path, name: str, entry: Any, data_len: int) -> Non
         )
 
 
-def _refusal_reason(exc: Exception) -> str:
-    """The line of an unpickling error that says what was refused (e.g. the blocked global),
-    leaving out torch's advice on turning the check off."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    useful = [line for line in lines if "weights_only" not in line and "documentation" not in line]
-    return useful[0] if useful else type(exc).__name__
-
-
 def _is_state_dict(value: Any) -> bool:
     return isinstance(value, dict) and bool(value) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
@@ -143,7 +136,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         except Exception as exc:  # unpickling fails in many ways; all of them mean "refused"
             raise KDBackdoorError(
                 f"{path}: refused to load: the pickle holds more than tensors and plain containers "
-                f"({_refusal_reason(exc)}); export a state dict as .safetensors"
+                f"({refusal_reason(exc)}); export a state dict as .safetensors"
             ) from None
         tensors, found["state_dict_key"] = _unwrap(path, state)
     if tensors and all(k.startswith(WRAPPER_PREFIX) for k in tensors):

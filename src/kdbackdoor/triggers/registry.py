@@ -2,39 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
-
-from kdbackdoor.errors import KDBackdoorError
+from kdbackdoor.registry import Registry
 from kdbackdoor.triggers.base import Trigger
 
-T = TypeVar("T", bound=type[Trigger])
-
-_TRIGGERS: dict[str, type[Trigger]] = {}
-
-
-def register_trigger(name: str) -> Callable[[T], T]:
-    """Class decorator: make the trigger buildable as ``name`` in specs and configs."""
-
-    def register(cls: T) -> T:
-        if name in _TRIGGERS:
-            raise ValueError(f"trigger name '{name}' is registered twice")
-        cls.name = name
-        _TRIGGERS[name] = cls
-        return cls
-
-    return register
+TRIGGERS: Registry[type[Trigger]] = Registry("trigger", names_items=True)
+register_trigger = TRIGGERS.register
+"""Class decorator: ``@register_trigger("name")`` makes the trigger buildable as ``name`` in specs and configs."""
 
 
 def trigger_class(name: str) -> type[Trigger]:
     """The class registered as ``name``; a KDBackdoorError listing the names if there is none."""
-    try:
-        return _TRIGGERS[name]
-    except KeyError:
-        raise KDBackdoorError(
-            f"unknown trigger '{name}'; available: {', '.join(available_triggers())}"
-        ) from None
+    return TRIGGERS[name]
 
 
 def available_triggers() -> list[str]:
     """Names of all registered triggers, sorted."""
-    return sorted(_TRIGGERS)
+    return TRIGGERS.names()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, TypeVar
+from typing import Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models.features import capture
-from kdbackdoor.runtime import Seed, autocast
+from kdbackdoor.numerics import autocast
+from kdbackdoor.registry import Registry
+from kdbackdoor.runtime import Seed
 
 OUTLIER_MADS = 3.5
 """Default flag rule: a score above median + 3.5 robust standard deviations (1.4826·MAD)."""
@@ -112,33 +114,19 @@ class DataFilter(ABC):
                             self.params.model_dump(), scored.details)
 
 
-F = TypeVar("F", bound=type[DataFilter])
-_FILTERS: dict[str, type[DataFilter]] = {}
-
-
-def register_filter(name: str) -> Callable[[F], F]:
-    """Class decorator: make the filter buildable as ``name``."""
-
-    def register(cls: F) -> F:
-        if name in _FILTERS:
-            raise ValueError(f"filter name '{name}' is registered twice")
-        cls.name = name
-        _FILTERS[name] = cls
-        return cls
-
-    return register
+FILTERS: Registry[type[DataFilter]] = Registry("filter", hint=" (or all)", names_items=True)
+register_filter = FILTERS.register
+"""Class decorator: ``@register_filter("name")`` makes the filter buildable as ``name``."""
 
 
 def available_filters() -> dict[str, str]:
     """``{name: one-line description}`` of every registered filter, in registration order."""
-    return {name: cls.description for name, cls in _FILTERS.items()}
+    return {name: cls.description for name, cls in FILTERS.items()}
 
 
 def build_filter(name: str, **params) -> DataFilter:
     """The filter registered as ``name`` with ``params``; a KDBackdoorError names what exists."""
-    if name not in _FILTERS:
-        raise KDBackdoorError(f"unknown filter {name!r}; available: {', '.join(_FILTERS)} (or all)")
-    return _FILTERS[name](**params)
+    return FILTERS[name](**params)
 
 
 def flag_top_share(scores: torch.Tensor, rate: float) -> tuple[torch.Tensor, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from kdbackdoor.data.dataset import ImageDataset
 from kdbackdoor.defenses.filters.base import AuditContext, DataFilter, Scored, probabilities, register_filter
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.evaluate import check_compatible
+from kdbackdoor.models.compatibility import check_compatible
 
 
 @register_filter("reference-model")

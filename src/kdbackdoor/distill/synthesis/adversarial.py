@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from kdbackdoor.distill.synthesis.base import SynthesisContext, Synthesizer, descend
+from kdbackdoor.distill.synthesis.base import SYNTHESIZERS, SynthesisContext, Synthesizer, descend
 from kdbackdoor.models.generator import ImageGenerator
-from kdbackdoor.runtime import autocast
+from kdbackdoor.numerics import autocast
 
 
+@SYNTHESIZERS.register("zskt")
+@SYNTHESIZERS.register("dfad")
 class AdversarialGenerator(Synthesizer):
     """ZSKT / DFAD synthesis; ``generator`` is the model saved with the run."""
 
@@ -24,11 +26,11 @@ class AdversarialGenerator(Synthesizer):
         self.generator = ImageGenerator(config.latent_dim, context.image_shape, config.generator_width,
                                         output=config.generator_output, mean=teacher.mean.flatten().tolist(),
                                         std=teacher.std.flatten().tolist()).to(context.device)
-        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.synthesis_lr)
+        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.synthesis_lr, fused=True)
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.iterations)
         self._latest = torch.empty(0)
 
-    def synthesize(self) -> float:
+    def synthesize(self) -> torch.Tensor:
         ctx = self.context
         self.generator.train()
         for _ in range(ctx.config.synthesis_steps):
@@ -39,7 +41,7 @@ class AdversarialGenerator(Synthesizer):
             descend(self.optimizer, loss, ctx.config.max_grad_norm)
         self.schedule.step()
         self._latest = x.detach()
-        return float(loss.detach())
+        return loss.detach()
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from kdbackdoor.distill.hooks import DistillDefense
 from kdbackdoor.distill.synthesis.pool import SyntheticPool
 from kdbackdoor.distill.synthesis.priors import disagreement_where_agreeing
+from kdbackdoor.registry import Registry
 from kdbackdoor.training import optimizer_step
 
 if TYPE_CHECKING:
-    from kdbackdoor.distill.data_free import DataFreeConfig
+    from kdbackdoor.distill.data_free_config import DataFreeConfig
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Synthesizer(ABC):
         self.context = context
 
     @abstractmethod
-    def synthesize(self) -> float:
+    def synthesize(self) -> torch.Tensor:
         """Run one synthesis round; return its final loss."""
 
     @abstractmethod
@@ -119,3 +120,8 @@ class PooledSynthesizer(Synthesizer):
     def load_state_dict(self, state: dict) -> None:
         self.pool.load_state_dict(state["pool"])
         self._latest = self.pool.images[-self.context.config.synthesis_batch_size:].float() / 255
+
+
+SYNTHESIZERS: Registry[type[Synthesizer]] = Registry("data-free method")
+"""The synthesiser of each data-free method; ``@SYNTHESIZERS.register("name")`` adds one (its
+defaults go in ``kdbackdoor.distill.data_free_config.METHOD_DEFAULTS``)."""

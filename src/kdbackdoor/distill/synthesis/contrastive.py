@@ -20,16 +20,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdbackdoor.distill.synthesis.base import PooledSynthesizer, SynthesisContext, descend
+from kdbackdoor.distill.synthesis.base import SYNTHESIZERS, PooledSynthesizer, SynthesisContext, descend
 from kdbackdoor.distill.synthesis.priors import balanced_targets, batchnorm_statistics
 from kdbackdoor.distill.synthesis.views import local_crop
 from kdbackdoor.models.features import forward_with_features
 from kdbackdoor.models.generator import ImageGenerator
-from kdbackdoor.runtime import autocast
+from kdbackdoor.numerics import autocast
 
 HEAD_DIM = 128
 
 
+@SYNTHESIZERS.register("cmi")
 class ContrastiveInversion(PooledSynthesizer):
     """CMI synthesis into a growing pool, with a memory bank of teacher features."""
 
@@ -40,7 +41,7 @@ class ContrastiveInversion(PooledSynthesizer):
                                   nn.Linear(feature_dim, HEAD_DIM)).to(context.device)
         self.bank = torch.empty(0, feature_dim, device=context.device)
 
-    def synthesize(self) -> float:
+    def synthesize(self) -> torch.Tensor:
         ctx, config = self.context, self.context.config
         n = config.synthesis_batch_size
         targets = balanced_targets(n, ctx.num_classes, ctx.rng).to(ctx.device)
@@ -66,7 +67,7 @@ class ContrastiveInversion(PooledSynthesizer):
             _, features = forward_with_features(ctx.teacher, images, [feature])
         self._keep(images)
         self.bank = torch.cat([self.bank, features[feature].float()])[-config.bank_size:]
-        return float(loss.detach())
+        return loss.detach()
 
     def _info_nce(self, features: torch.Tensor, crop_features: torch.Tensor) -> torch.Tensor:
         """Each image's projection must match its own crop's among all crops and the bank."""

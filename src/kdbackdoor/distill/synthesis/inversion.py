@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import torch
 
-from kdbackdoor.distill.synthesis.base import PooledSynthesizer, descend
+from kdbackdoor.distill.synthesis.base import SYNTHESIZERS, PooledSynthesizer, descend
 from kdbackdoor.distill.synthesis.priors import balanced_targets, batchnorm_statistics, centred_l2, total_variation
 from kdbackdoor.distill.synthesis.views import jitter_flip
-from kdbackdoor.runtime import autocast
+from kdbackdoor.numerics import autocast
 
 
+@SYNTHESIZERS.register("deepinversion")
 class DeepInversion(PooledSynthesizer):
     """DeepInversion synthesis into a growing pool."""
 
-    def synthesize(self) -> float:
+    def synthesize(self) -> torch.Tensor:
         ctx, config = self.context, self.context.config
         n = config.synthesis_batch_size
         targets = balanced_targets(n, ctx.num_classes, ctx.rng).to(ctx.device)
@@ -42,4 +43,4 @@ class DeepInversion(PooledSynthesizer):
             with torch.no_grad():
                 images.clamp_(0, 1)
         self._keep(images)
-        return float(loss.detach())
+        return loss.detach()

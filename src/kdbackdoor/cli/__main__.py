@@ -1,0 +1,5 @@
+"""``python -m kdbackdoor.cli``: the command line."""
+
+from kdbackdoor.cli import main
+
+main()
