@@ -130,7 +130,7 @@ def _teacher_row(row: Row, context: RowContext) -> dict:
 
 
 def _attack_row(row: Row, context: RowContext) -> dict:
-    from kdbackdoor.distill.dataset_kd import Backdoor
+    from kdbackdoor.distill.record import Backdoor
     from kdbackdoor.training import TrainConfig
     from kdbackdoor.triggers import build_trigger
     recipe, p = context.scale["attack"], row.params
@@ -164,7 +164,8 @@ def _zskt_row(row: Row, context: RowContext) -> dict:
     from kdbackdoor.defenses.abd import build_data_free_defense
     from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
     from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
-    from kdbackdoor.distill.data_free import DataFreeConfig, distill_data_free
+    from kdbackdoor.distill.data_free import distill_data_free
+    from kdbackdoor.distill.data_free_config import DataFreeConfig
     p, scale = row.params, context.scale
     teacher, sidecar = context.teacher(p["trigger"])
     # ABD's published ZSKT sweeps run the vaccine without its tail test; the ablation turns it on
