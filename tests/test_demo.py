@@ -66,6 +66,16 @@ def test_the_demo_code_path_writes_its_table_report_and_summary(tmp_path, capsys
     printed = capsys.readouterr().out
     assert "student with ABD" in printed and "report.html" in printed
     assert re.search(r"AUROC \d\.\d{3}", printed)
+    # `evaluate` on a demo student finds its data set and trigger through the record of its run
+    attack_run = out / "results" / "runs" / records["poisoned-distillation-set"]["run_id"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--model", str(attack_run / "student"), "--out", str(tmp_path / "evaluation.json"),
+              "--device", "cpu"])
+    assert exit_info.value.code in (0, None)
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["dataset"] == "digits"
+    assert evaluation["acc"] == pytest.approx(attack["student"]["acc"])
+    assert evaluation["backdoor"]["asr"] == pytest.approx(attack["student"]["asr"])
 
 
 @pytest.mark.slow  # a minute and more on 2 cores

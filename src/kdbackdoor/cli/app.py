@@ -7,9 +7,32 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperOption
 
 from kdbackdoor.cli.options import CHANNELS_LAST, COMPILE_MODELS, PRECISION
 from kdbackdoor.errors import KDBackdoorError
+
+_value_type = TyperOption.display_type_rich
+
+
+def _flag_shows_no_type(self: TyperOption, ctx) -> str | None:
+    """A flag takes no value, so its help line shows no value type (Typer would print ``<bool>``)."""
+    return None if self.is_flag else _value_type(self, ctx)
+
+
+TyperOption.display_type_rich = _flag_shows_no_type
+
+DATA_ALIASES = {"--data": "--dataset", "--test-data": "--test-dataset"}
+"""Older option names still accepted (not shown in --help): a data-set spec is ``--dataset`` everywhere."""
+
+
+def _canonical(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        out.append(DATA_ALIASES.get(name, name) + eq + value if name in DATA_ALIASES else arg)
+    return out
+
 
 app = typer.Typer(
     help="Attack, defend and audit knowledge distillation against backdoors.\n\n"
@@ -39,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2. ``argv`` defaults to
     the command line (given, it runs the CLI in-process, as tests do)."""
     try:
-        app(args=argv)
+        app(args=_canonical(list(sys.argv[1:] if argv is None else argv)))
     except KDBackdoorError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(2)

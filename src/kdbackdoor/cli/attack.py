@@ -9,7 +9,8 @@ import typer
 
 from kdbackdoor.attacks.engines import describe_engines
 from kdbackdoor.cli.app import app, console
-from kdbackdoor.cli.common import int_list, load_data, load_teacher, make_trigger, model_source, pixel_value, start_run, validated
+from kdbackdoor.cli.common import (int_list, load_data, load_teacher, make_trigger, model_source, pixel_value,
+                                  seeded_subset, start_run, validated)
 from kdbackdoor.cli.options import DATASET_HELP, DATA_DIR, DETERMINISTIC, DEVICE, PROGRESS, RESIZE, SEED
 from kdbackdoor.cli.options import MODEL_ARCH, MODEL_INPUT_SIZE, MODEL_MEAN, MODEL_NUM_CLASSES, MODEL_STD
 from kdbackdoor.data.sources import dataset_record
@@ -44,7 +45,7 @@ def poison_distill_cmd(
                                         "(defaults 20 / 100 / 200)"),
     norm: Optional[str] = typer.Option(None, help="pgd norm: linf (default) | l2"),
     param: list[str] = typer.Option([], "--param", "-p", help="any other engine parameter as KEY=VALUE "
-                                    "(repeatable); see the list below"),
+                                    "(repeatable); the engines' parameters are listed above"),
     generator: Optional[Path] = typer.Option(None, help="generator checkpoint for --method generative"),
     source_classes: Optional[str] = typer.Option(None, help="comma-separated source classes (default: all "
                                                  "but the target)"),
@@ -97,11 +98,7 @@ def poison_distill_cmd(
     check_engine(engine, config)
     start_run(out, resume, deterministic)
     model, sidecar = load_teacher(teacher, dev, model_source(arch, num_classes, input_size, mean, std))
-    data = load_data(dataset, split, data_dir, resize, progress)
-    if subset is not None and subset < len(data):
-        import torch
-        rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:subset].sort()[0]
-        data = data.subset(rows, name=f"{data.name}[subset {subset}]")
+    data = seeded_subset(load_data(dataset, split, data_dir, resize, progress), subset, seed)
     trig = make_trigger(trigger, data.image_shape, seed)
     poisoned, report = craft_poisoned_set(model, data, trig, engine, config, device=dev, progress=progress,
                                           state_path=out / CRAFT_STATE_FILE, resume=resume)

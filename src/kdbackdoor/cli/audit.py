@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from kdbackdoor.cli.app import app, console
-from kdbackdoor.cli.common import load_data, load_model, load_teacher, make_trigger, model_dir, model_source, pixel_value, validated
+from kdbackdoor.cli.common import (load_data, load_model, load_teacher, make_trigger, model_dir, model_source,
+                                  pixel_value, seeded_subset, validated)
 from kdbackdoor.cli.options import DATASET_HELP, DATA_DIR, DEVICE, PROGRESS, RESIZE, SEED
 from kdbackdoor.cli.options import MODEL_ARCH, MODEL_INPUT_SIZE, MODEL_MEAN, MODEL_NUM_CLASSES, MODEL_STD
 from kdbackdoor.data.sources import dataset_record
@@ -24,16 +25,16 @@ def audit_data_cmd(
     input_size: Optional[str] = MODEL_INPUT_SIZE,
     mean: Optional[str] = MODEL_MEAN,
     std: Optional[str] = MODEL_STD,
-    data: str = typer.Option(..., help="the distillation set: a poisoned-set folder (from poison-distill) or a "
-                             + DATASET_HELP),
+    data: str = typer.Option(..., "--dataset", help="the distillation set: a poisoned-set folder (from "
+                             "poison-distill) or a data set: " + DATASET_HELP),
     out: Path = typer.Option(..., help="new folder: scores.csv, audit.json (and cleaned/ with --remove)"),
     filters: str = typer.Option("all", help="comma-separated filters, or all (reference-model only with "
-                                "--reference); see the list below"),
+                                "--reference); the filters are listed above"),
     reference: Optional[Path] = typer.Option(None, help="a second model for the reference-model filter"),
     expected_rate: Optional[float] = typer.Option(None, help="flag this share of the set (the highest scores) "
                                                   "with every filter, instead of each filter's own rule"),
     remove: bool = typer.Option(False, help="also write OUT/cleaned: the set without every sample any filter "
-                                "flagged (poisoned-set format, for `distill --data`)"),
+                                "flagged (poisoned-set format, for `distill --dataset`)"),
     param: list[str] = typer.Option([], "--param", "-p", help="a filter parameter as FILTER.KEY=VALUE "
                                     "(repeatable), e.g. brittleness.noise_sigma=16/255, strip.blends=8"),
     split: str = typer.Option("train", help="split of a data-set spec"),
@@ -148,7 +149,8 @@ def scan_cmd(
     input_size: Optional[str] = MODEL_INPUT_SIZE,
     mean: Optional[str] = MODEL_MEAN,
     std: Optional[str] = MODEL_STD,
-    data: str = typer.Option(..., help="clean images to scan with (labels used, provenance never): " + DATASET_HELP),
+    data: str = typer.Option(..., "--dataset", help="clean images to scan with (labels used, provenance never): "
+                             + DATASET_HELP),
     split: str = typer.Option("test"),
     subset: int = typer.Option(1000, min=0, help="scan a seeded subset of this many images (0: all)"),
     steps: int = typer.Option(300, min=1, help="Neural Cleanse optimisation steps (each: one batch, every class)"),
@@ -183,7 +185,6 @@ def scan_cmd(
     """
     import time
 
-    import torch
     from kdbackdoor.defenses.neural_cleanse import NeuralCleanseConfig
     from kdbackdoor.defenses.scan import SCAN_FILE, scan_model, write_scan
     from kdbackdoor.runtime import select_device
@@ -194,10 +195,7 @@ def scan_cmd(
     config = validated(NeuralCleanseConfig, steps=steps, batch_size=batch_size, lr=lr, init_cost=init_cost,
                        success_threshold=success_threshold, anomaly_threshold=anomaly_threshold, seed=seed)
     dev = select_device(device)
-    dataset = load_data(data, split, data_dir, resize, progress)
-    if subset and subset < len(dataset):
-        rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:subset].sort()[0]
-        dataset = dataset.subset(rows, name=f"{dataset.name}[subset {subset}]")
+    dataset = seeded_subset(load_data(data, split, data_dir, resize, progress), subset, seed)
     net = load_model(model, dev, dataset, model_source(arch, num_classes, input_size, mean, std))
     trig = make_trigger(trigger, dataset.image_shape, seed) if trigger else None
     started = time.perf_counter()

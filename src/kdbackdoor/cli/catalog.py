@@ -26,7 +26,7 @@ def triggers_list_cmd() -> None:
 @triggers_app.command("show")
 def triggers_show_cmd(
     specs: list[str] = typer.Argument(..., help="one or more trigger specs, e.g. badnets-square blend:alpha=0.1"),
-    dataset: str = typer.Option("digits", help=DATASET_HELP),
+    dataset: str = typer.Option("digits", help="data set: " + DATASET_HELP),
     split: str = typer.Option("test"),
     data_dir: Optional[Path] = DATA_DIR,
     resize: Optional[int] = RESIZE,
@@ -50,10 +50,12 @@ def triggers_show_cmd(
 
 @app.command("datasets")
 def datasets_cmd() -> None:
-    """List the data-set sources."""
-    from kdbackdoor.data.sources import available_datasets
-    for name in available_datasets():
-        console.print(name)
+    """List the data-set specs, one line each."""
+    from kdbackdoor.data.source_registry import SOURCES
+    from kdbackdoor.data import sources  # noqa: F401  (registers them)
+    width = max(len(source.usage) for source in SOURCES.values())
+    for source in sorted(SOURCES.values(), key=lambda source: source.usage):
+        console.print(f"{source.usage:<{width}}  {source.description}", highlight=False, soft_wrap=True)
 
 
 @app.command("models")

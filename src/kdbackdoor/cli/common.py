@@ -14,6 +14,16 @@ def load_data(spec: str, split: str, data_dir: Optional[Path], resize: Optional[
     return load_dataset(spec, split, data_dir=data_dir, resize=resize, progress=progress)
 
 
+def seeded_subset(data, count: Optional[int], seed: int):
+    """``count`` images of ``data`` drawn with ``seed`` (in their original order), or all of it when
+    ``count`` is None, 0 or at least its size."""
+    if not count or count >= len(data):
+        return data
+    import torch
+    rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count].sort()[0]
+    return data.subset(rows, name=f"{data.name}[subset {count}]")
+
+
 def make_trigger(spec: str, image_shape: tuple[int, int, int], seed: int):
     from kdbackdoor.triggers import build_trigger
     return build_trigger(spec, image_shape=image_shape, seed=seed)
@@ -113,8 +123,14 @@ def pixel_value(text: str, option: str) -> float:
 
 
 def train_config(epochs, batch_size, lr, weight_decay, schedule, label_smoothing, crop_padding, hflip,
-                  eval_every, seed, cutmix=0.0, compile_model=False):
+                  eval_every, seed, cutmix=0.0, compile_model=False, *, dataset: str = "", resize=None):
+    """A ``TrainConfig`` from the training options; crop padding and flips left unset (None) take the
+    defaults of ``dataset`` (``data.sources.default_augmentation``)."""
+    from kdbackdoor.data.sources import default_augmentation
     from kdbackdoor.training import TrainConfig
+    default_crop, default_flip = default_augmentation(dataset, resize)
+    crop_padding = default_crop if crop_padding is None else crop_padding
+    hflip = default_flip if hflip is None else hflip
     return validated(TrainConfig, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                      schedule=schedule, label_smoothing=label_smoothing, crop_padding=crop_padding,
                      hflip=hflip, cutmix=cutmix, eval_every=eval_every, seed=seed, compile=compile_model)

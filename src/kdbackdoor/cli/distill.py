@@ -32,12 +32,12 @@ def distill_cmd(
     mean: Optional[str] = MODEL_MEAN,
     std: Optional[str] = MODEL_STD,
     out: Path = typer.Option(..., help="output folder: model.safetensors + model.json, metrics.json, baseline/"),
-    data: str = typer.Option("digits", help="distillation data: a poisoned-set folder (from poison-distill) "
-                             "or a " + DATASET_HELP),
+    data: str = typer.Option("digits", "--dataset", help="distillation data: a poisoned-set folder (from "
+                             "poison-distill) or a data set: " + DATASET_HELP),
     student_arch: str = typer.Option("small-cnn", help="student architecture (see `kdbackdoor models`)"),
-    method: str = typer.Option("dataset", help="dataset: distil on --data with its labels; ood: distil on images "
+    method: str = typer.Option("dataset", help="dataset: distil on --dataset with its labels; ood: distil on images "
                                "of another data set (labels unused, KL only, any classes), evaluated on the "
-                               "teacher's own data set; data-free (--data unused): zskt, dfad (adversarial "
+                               "teacher's own data set; data-free (--dataset unused): zskt, dfad (adversarial "
                                "generator), deepinversion (images optimised against the teacher's BatchNorm "
                                "statistics), cmi (contrastive model inversion)"),
     kd_lambda: Optional[float] = typer.Option(None, help="λ in (1-λ)·CE(student, label) + λ·T²·KL(teacher_T ‖ "
@@ -45,7 +45,7 @@ def distill_cmd(
     cutmix: float = typer.Option(0.0, help="CutMix probability per image (KL only, e.g. with ood)"),
     temperature: Optional[float] = typer.Option(None, help="softmax temperature T (dataset/ood 4; zskt/dfad 1, "
                                                 "deepinversion/cmi 20)"),
-    test_data: Optional[str] = typer.Option(None, help="test data set (default: the test split of the "
+    test_data: Optional[str] = typer.Option(None, "--test-dataset", help="test data set (default: the test split of the "
                                             "distillation data's source; for ood the teacher's data set)"),
     baseline: Optional[bool] = typer.Option(None, help="also distill a student on the same data without its "
                                             "poisons, for comparison (doubles the time; default: on for "
@@ -94,8 +94,8 @@ def distill_cmd(
     weight_decay: float = WEIGHT_DECAY,
     schedule: str = SCHEDULE,
     label_smoothing: float = LABEL_SMOOTHING,
-    crop_padding: int = CROP_PADDING,
-    hflip: bool = HFLIP,
+    crop_padding: Optional[int] = CROP_PADDING,
+    hflip: Optional[bool] = HFLIP,
     eval_every: int = EVAL_EVERY,
     compile_model: bool = COMPILE,
     seed: int = SEED,
@@ -184,7 +184,7 @@ def distill_cmd(
         raise KDBackdoorError("--method ood distils on images whose labels mean nothing to the teacher: "
                               "it needs --kd-lambda 1")
     config = train_config(epochs, batch_size, lr, weight_decay, schedule, label_smoothing, crop_padding, hflip,
-                          eval_every, seed, cutmix, compile_model)
+                          eval_every, seed, cutmix, compile_model, dataset=data, resize=resize)
     kd = validated(KDConfig, kd_lambda=kd_lambda if kd_lambda is not None else (1.0 if method == "ood" else 0.5),
                    temperature=4.0 if temperature is None else temperature)
     from kdbackdoor.defenses.abd import abd_halves
@@ -216,7 +216,7 @@ def distill_cmd(
     has_poisons = manifest is not None and bool(train.provenance.poisoned.any())
     use_baseline = has_poisons if baseline is None else baseline
     if use_baseline and manifest is None:
-        raise KDBackdoorError("--baseline needs a poisoned set (from poison-distill) as --data")
+        raise KDBackdoorError("--baseline needs a poisoned set (from poison-distill) as --dataset")
     metadata = {"method": method, "dataset": test_record, "transfer_set": record_dataset,
                 "teacher": {"path": str(teacher), "weights_sha256": sidecar.get("weights_sha256")},
                 "poisoned_set": _poisoned_set_summary(data, manifest) if manifest else None}
@@ -230,13 +230,13 @@ def distill_cmd(
 
 def _teacher_dataset(path: Path, teacher_meta: dict) -> dict:
     if not teacher_meta.get("dataset"):
-        raise KDBackdoorError(f"{path}: the checkpoint records no data set; pass --test-data")
+        raise KDBackdoorError(f"{path}: the checkpoint records no data set; pass --test-dataset")
     return teacher_meta["dataset"]
 
 
 def _distill_data_free(teacher, source, student_arch, config, defense, test_data, data_dir, resize, trigger, target,
                        evaluate_teacher, out, device, resume, progress) -> None:
-    """`distill` with a data-free method: no training data; tested on --test-data or the teacher's data set."""
+    """`distill` with a data-free method: no training data; tested on --test-dataset or the teacher's data set."""
     from kdbackdoor.distill.data_free import distill_data_free
     from kdbackdoor.runtime import select_device
     dev = select_device(device)

@@ -17,6 +17,14 @@ from kdbackdoor.cli.summaries import run_summary
 from kdbackdoor.errors import KDBackdoorError
 
 
+def _run_backdoor(config: dict) -> dict:
+    """The trigger and target an experiment run measured ASR with (evaluation, poison or teacher's backdoor)."""
+    for section in (config.get("evaluation"), config.get("poison"), (config.get("teacher") or {}).get("backdoor")):
+        if section and section.get("trigger"):
+            return {"trigger": section["trigger"], "target": section.get("target")}
+    return {}
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     model: Path = typer.Option(..., help="checkpoint: .safetensors (+ .json sidecar) or its folder; bare .safetensors/.pt/.pth weights (with --arch, --num-classes); a timm-layout folder; hf:OWNER/REPO[@REVISION]"),
@@ -25,7 +33,7 @@ def evaluate_cmd(
     input_size: Optional[str] = MODEL_INPUT_SIZE,
     mean: Optional[str] = MODEL_MEAN,
     std: Optional[str] = MODEL_STD,
-    dataset: Optional[str] = typer.Option(None, help=DATASET_HELP + " (default: the checkpoint's data set)"),
+    dataset: Optional[str] = typer.Option(None, help="data set: " + DATASET_HELP + " (default: the checkpoint's, or that of the run that made it)"),
     split: str = typer.Option("test"),
     data_dir: Optional[Path] = DATA_DIR,
     resize: Optional[int] = RESIZE,
@@ -50,16 +58,30 @@ def evaluate_cmd(
     net, sidecar = load_teacher(model, dev, model_source(arch, num_classes, input_size, mean, std))
     meta = sidecar.get("metadata") or {}
     recorded = meta.get("dataset") or {}
+    run = None
+    if not recorded.get("spec"):  # a model made by `kdbackdoor run`/`sweep`/`demo`: its run's record says
+        from kdbackdoor.experiment.runner import record_of_model
+        run = record_of_model(model)
+        if run is not None:
+            data_config = run["config"]["data"]
+            recorded = {"spec": data_config["dataset"], "data_dir": data_config.get("data_dir"),
+                        "resize": data_config.get("resize")}
     if dataset is None:
         if not recorded.get("spec"):
-            raise KDBackdoorError(f"{model}: the checkpoint records no data set; pass --dataset")
+            raise KDBackdoorError(f"{model}: the checkpoint records no data set and lies in no run folder; "
+                                  "pass --dataset")
         dataset = recorded["spec"]
         data_dir = data_dir or (Path(recorded["data_dir"]) if recorded.get("data_dir") else None)
         resize = resize or recorded.get("resize")
     data = load_data(dataset, split, data_dir, resize)
-    backdoor = meta.get("backdoor") or {}
-    trig = make_trigger(trigger, data.image_shape, 0) if trigger else (
-        build_trigger(backdoor["trigger"]) if backdoor.get("trigger") else None)
+    backdoor = meta.get("backdoor") or (_run_backdoor(run["config"]) if run else {})
+    recorded_trigger = backdoor.get("trigger")
+    if trigger:
+        trig = make_trigger(trigger, data.image_shape, 0)
+    elif isinstance(recorded_trigger, str):  # a run config's trigger spec, drawn with the run's seed
+        trig = make_trigger(recorded_trigger, data.image_shape, run["config"].get("seed", 0))
+    else:
+        trig = build_trigger(recorded_trigger) if recorded_trigger else None
     target = target if target is not None else backdoor.get("target")
     if trig is not None and target is None:
         raise KDBackdoorError("--trigger given without --target (the checkpoint records no target)")

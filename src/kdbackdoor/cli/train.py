@@ -9,7 +9,7 @@ import typer
 
 from kdbackdoor.attacks.teacher_poisoning import RATE_HELP
 from kdbackdoor.cli.app import app, console
-from kdbackdoor.cli.common import load_data, load_model, make_trigger, start_run, train_config, validated
+from kdbackdoor.cli.common import load_data, load_model, make_trigger, seeded_subset, start_run, train_config, validated
 from kdbackdoor.cli.options import (BATCH_SIZE, COMPILE, CROP_PADDING, DATASET_HELP, DATA_DIR, DETERMINISTIC, DEVICE,
                                    EPOCHS, EVAL_EVERY, HFLIP, LABEL_SMOOTHING, LR, PROGRESS, RESIZE, RESUME, SCHEDULE,
                                    SEED, WEIGHT_DECAY)
@@ -18,7 +18,7 @@ from kdbackdoor.data.sources import dataset_record
 
 @app.command("train-teacher")
 def train_teacher_cmd(
-    dataset: str = typer.Option("digits", help=DATASET_HELP),
+    dataset: str = typer.Option("digits", help="data set: " + DATASET_HELP),
     arch: str = typer.Option("small-cnn", help="architecture (see `kdbackdoor models`)"),
     out: Path = typer.Option(..., help="output folder: model.safetensors + model.json, metrics.json, train_state.pt"),
     epochs: int = EPOCHS,
@@ -27,8 +27,8 @@ def train_teacher_cmd(
     weight_decay: float = WEIGHT_DECAY,
     schedule: str = SCHEDULE,
     label_smoothing: float = LABEL_SMOOTHING,
-    crop_padding: int = CROP_PADDING,
-    hflip: bool = HFLIP,
+    crop_padding: Optional[int] = CROP_PADDING,
+    hflip: Optional[bool] = HFLIP,
     eval_every: int = EVAL_EVERY,
     compile_model: bool = COMPILE,
     seed: int = SEED,
@@ -48,6 +48,8 @@ def train_teacher_cmd(
     adv_model: Optional[Path] = typer.Option(None, help="clean model for the clean-label trigger's PGD step"),
     adv_eps: float = typer.Option(16 / 255, help="clean-label PGD radius, L∞ in pixel units"),
     holdout: float = typer.Option(0.0, help="share of the training set reserved as clean holdout (not trained on)"),
+    subset: Optional[int] = typer.Option(None, min=1, help="train on a seeded subset of this many training images "
+                                         "(the test split stays whole)"),
 ) -> None:
     """Train a teacher, clean or backdoored; weights as safetensors with a JSON sidecar.
 
@@ -60,18 +62,19 @@ def train_teacher_cmd(
     from kdbackdoor.teacher import train_teacher
 
     config = train_config(epochs, batch_size, lr, weight_decay, schedule, label_smoothing, crop_padding, hflip,
-                          eval_every, seed, compile_model=compile_model)
+                          eval_every, seed, compile_model=compile_model, dataset=dataset, resize=resize)
     poison = validated(PoisonConfig, {"rate": "--poison-rate", "mode": "--poison-mode", "style": "--poison-style"},
                        target=target, rate=poison_rate, mode=poison_mode, style=poison_style, adv_eps=adv_eps,
                        seed=seed)
     dev = select_device(device)
     start_run(out, resume, deterministic)
-    train = load_data(dataset, "train", data_dir, resize, progress)
+    train = seeded_subset(load_data(dataset, "train", data_dir, resize, progress), subset, seed)
     test = load_data(dataset, "test", data_dir, resize, progress)
     trigger = make_trigger(backdoor, train.image_shape, seed) if backdoor else None
     adversary = load_model(adv_model, dev, train) if adv_model else None
     _, record = train_teacher(train, test, arch, config, out, device=dev, resume=resume, progress=progress,
-                              metadata={"dataset": dataset_record(dataset, data_dir, resize)},
+                              metadata={"dataset": dataset_record(dataset, data_dir, resize),
+                                        "train_subset": {"size": subset, "seed": seed} if subset else None},
                               trigger=trigger, poison=poison if trigger else None, holdout=holdout,
                               adversary=adversary)
     metrics = record["metrics"]

@@ -49,13 +49,15 @@ LAYOUTS: dict[str, CifarLayout] = {
 }
 
 
-@register_source("cifar10")
+@register_source("cifar10", description="CIFAR-10, 32×32 RGB, 10 classes; the python archive from --data-dir, "
+                 "else downloaded with its checksum")
 def load_cifar10(request: SourceRequest) -> Decoded:
     """CIFAR-10: 50,000 train / 10,000 test RGB images, 32x32, 10 classes."""
     return _load_cifar("cifar10", request)
 
 
-@register_source("cifar100")
+@register_source("cifar100", description="CIFAR-100, 32×32 RGB, 100 classes; the python archive from --data-dir, "
+                 "else downloaded with its checksum")
 def load_cifar100(request: SourceRequest) -> Decoded:
     """CIFAR-100: 50,000 train / 10,000 test RGB images, 32x32, 100 fine classes."""
     return _load_cifar("cifar100", request)

@@ -15,7 +15,8 @@ SPLIT_SEED = 0
 _MAX_VALUE = 16  # the data set's pixel values are counts 0..16
 
 
-@register_source("digits")
+@register_source("digits", description="scikit-learn's 8×8 handwritten digits, grey, 10 classes; embedded, no "
+                 "download; fixed 80/20 split")
 def load_digits_source(request: SourceRequest) -> Decoded:
     """Digits, 1 channel, 8x8, classes "0".."9"; values 0..16 scaled to 0..255."""
     from sklearn.datasets import load_digits  # here, not at the top: importing sklearn takes seconds

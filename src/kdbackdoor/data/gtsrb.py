@@ -24,7 +24,8 @@ CLASSES = [str(i) for i in range(43)]
 _SPLIT_FOLDERS = {"train": "Final_Training", "test": "Final_Test"}
 
 
-@register_source("gtsrb")
+@register_source("gtsrb", description="German traffic signs, 43 classes, the official layout in --data-dir, "
+                 "resized (default 32 px)")
 def load_gtsrb(request: SourceRequest) -> Decoded:
     """GTSRB: 39,209 train / 12,630 test RGB images of 43 classes, resized (default 32x32)."""
     split_dir = _split_dir(request.data_dir, request.split)

@@ -21,7 +21,8 @@ from kdbackdoor.errors import KDBackdoorError
 IMAGE_SUFFIXES = frozenset(Image.registered_extensions())  # lower-case, with the dot
 
 
-@register_source("imagefolder", takes_path=True)
+@register_source("imagefolder", takes_path=True, description="class sub-folders of images in PATH/train and "
+                 "PATH/test (any format PIL reads); --resize for mixed sizes")
 def load_imagefolder(request: SourceRequest) -> Decoded:
     """The images under the PATH of ``imagefolder:PATH`` (see the module docstring)."""
     root = _class_root(Path(request.argument).expanduser(), request.split)

@@ -17,7 +17,8 @@ MAX_CLASSES = 100_000
 """Most classes a file may have (labels 0..MAX_CLASSES-1); a wild label must not size anything."""
 
 
-@register_source("npz", takes_path=True)
+@register_source("npz", takes_path=True, description="arrays x (uint8 N×H×W[×C]) and y (labels) in PATH, or "
+                 "PATH/train.npz and PATH/test.npz")
 def load_npz(request: SourceRequest) -> Decoded:
     """The arrays of the PATH of ``npz:PATH`` (see the module docstring)."""
     path = Path(request.argument).expanduser()

@@ -44,11 +44,13 @@ class Decoded(NamedTuple):
 
 @dataclass(frozen=True)
 class Source:
-    """A registered source: its name, its loader, and whether the spec carries a path."""
+    """A registered source: its name, its loader, whether the spec carries a path, and one line
+    saying what it is (for ``kdbackdoor datasets``)."""
 
     name: str
     load: Callable[[SourceRequest], Decoded]
     takes_path: bool
+    description: str = ""
 
     @property
     def usage(self) -> str:
@@ -60,10 +62,10 @@ SOURCES: Registry[Source] = Registry("data set", usage=lambda name, source: sour
 
 
 def register_source(
-    name: str, *, takes_path: bool = False,
+    name: str, *, takes_path: bool = False, description: str = "",
 ) -> Callable[[Callable[[SourceRequest], Decoded]], Callable[[SourceRequest], Decoded]]:
     """Decorator: make a loader available to ``load_dataset`` as ``name`` (or ``name:PATH``)."""
     def decorator(load: Callable[[SourceRequest], Decoded]) -> Callable[[SourceRequest], Decoded]:
-        SOURCES.add(name, Source(name, load, takes_path))
+        SOURCES.add(name, Source(name, load, takes_path, description))
         return load
     return decorator

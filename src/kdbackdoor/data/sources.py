@@ -28,6 +28,29 @@ def available_datasets() -> list[str]:
     return sorted(source.usage for source in SOURCES.values())
 
 
+NO_FLIP_SOURCES = ("digits", "gtsrb")
+"""Data sets whose images a horizontal flip turns into another class's (digits, traffic signs)."""
+
+
+def default_augmentation(spec: str, resize: int | None = None) -> tuple[int, bool]:
+    """(random-crop padding in px, horizontal flips) that suit a data set spec when the user sets
+    neither: 1 px and no flips for the 8×8 digits (4 px crops and mirrored digits wreck a small
+    teacher), an eighth of the side for the others (4 px at 32 px), flips off for traffic signs too. A poisoned-set folder counts as the data set it was made from."""
+    from kdbackdoor.data.poisoned_set import MANIFEST_FILE
+    manifest = Path(spec) / MANIFEST_FILE
+    if manifest.is_file():  # a poisoned set: the data set it was crafted from
+        try:
+            import json
+            recorded = json.loads(manifest.read_text()).get("dataset") or {}
+            spec, resize = recorded.get("spec") or spec, resize or recorded.get("resize")
+        except (OSError, ValueError):
+            pass
+    name = spec.partition(":")[0]
+    if name == "digits":
+        return 1, False
+    return max(1, (resize or 32) // 8), name not in NO_FLIP_SOURCES
+
+
 def dataset_record(spec: str, data_dir: str | Path | None, resize: int | None) -> dict:
     """How to load the data set again (stored in checkpoints and run records, so that ``evaluate``
     can default to it): its spec, data folder and resize."""

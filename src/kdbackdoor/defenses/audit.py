@@ -99,7 +99,7 @@ def remove_flagged(data: ImageDataset, results: list[tuple[FilterResult, float]]
 
 def save_cleaned(cleaned: ImageDataset, out_dir: str | os.PathLike, source_manifest: dict, removal: dict) -> Path:
     """Write the cleaned set as a poisoned-set folder: the source manifest's fields (trigger,
-    target, data set...) plus ``filtered`` (what was removed and why); ``distill --data`` takes it."""
+    target, data set...) plus ``filtered`` (what was removed and why); ``distill --dataset`` takes it."""
     inherited = {key: value for key, value in source_manifest.items()
                  if key not in ("format", "created", "kdbackdoor", "data_file", "data_sha256", "size", "poisoned",
                                 "classes", "files")}

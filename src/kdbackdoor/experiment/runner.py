@@ -170,6 +170,22 @@ def run_experiment(config: ExperimentConfig, results: str | Path, *, label: dict
             handler.close()
 
 
+def record_of_model(model: str | Path) -> dict | None:
+    """The record of the experiment run whose folder holds ``model`` (a checkpoint file or folder,
+    e.g. ``RESULTS/runs/<id>/student``), or None when it lies in no run folder."""
+    path = Path(model).resolve()
+    for folder in [path, *path.parents][:4]:
+        record_path = folder / RECORD_FILE
+        if record_path.is_file():  # a student folder holds its own record too: look further up
+            try:
+                record = read_record(folder)
+            except (OSError, ValueError):
+                continue
+            if record.get("format") == RUN_FORMAT:
+                return record
+    return None
+
+
 def read_record(folder: str | Path) -> dict:
     """The record of a complete run (fields of older records under today's names)."""
     return upgrade_fields(json.loads((Path(folder) / RECORD_FILE).read_text()))
