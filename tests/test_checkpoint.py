@@ -11,6 +11,7 @@ import torch
 
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models import build_model, load_checkpoint, save_checkpoint
+from kdbackdoor.numerics import to_layout
 
 from conftest import CreatesFileWhenUnpickled, pickle_calls_open_on
 
@@ -32,9 +33,11 @@ def saved(model, tmp_path):
 
 
 def same_logits(a, b) -> bool:
+    """Bit-identical logits once both models are in the numerics policy's memory layout (loading
+    puts a model in it; channels-last convolutions round differently from contiguous ones)."""
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
-        return torch.equal(a(x), b(x))
+        return torch.equal(to_layout(a)(x), to_layout(b)(x))
 
 
 def write_raw_safetensors(path, header: dict, data: bytes = b"") -> None:
