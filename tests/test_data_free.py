@@ -85,6 +85,7 @@ LEARNING = {
     "deepinversion": dict(iterations=10, synthesis_steps=50, synthesis_batch_size=64, student_steps=20,
                           batch_size=64),
     "cmi": dict(iterations=10, synthesis_steps=30, synthesis_batch_size=64, student_steps=20, batch_size=64),
+    "fast": dict(iterations=20, synthesis_batch_size=64, student_steps=20, batch_size=64),
 }
 
 
@@ -107,6 +108,7 @@ def test_student_learns_digits_without_data(method, digits, digits_teacher, tmp_
 TRANSFER = {
     "zskt": dict(iterations=300, batch_size=64),
     "deepinversion": LEARNING["deepinversion"],
+    "fast": LEARNING["fast"],
 }
 
 
@@ -114,6 +116,7 @@ TRANSFER = {
 @pytest.mark.parametrize("method", [
     "zskt",
     "deepinversion",
+    "fast",
 ])
 def test_a_poisoned_teachers_backdoor_transfers(method, digits, digits_teacher, backdoored_digits_teacher,
                                                 tmp_path):
@@ -164,11 +167,11 @@ def test_generator_is_saved_for_generator_methods(digits, digits_teacher, tmp_pa
 TINY = dict(iterations=6, batch_size=16, student_steps=2, checkpoint_every=2, synthesis_batch_size=16)
 
 
-@pytest.mark.parametrize("method", ["zskt", "dfad", "deepinversion", "cmi"])
+@pytest.mark.parametrize("method", ["zskt", "dfad", "deepinversion", "cmi", "fast"])
 def test_interrupted_run_resumes_to_the_same_student(method, digits, digits_teacher, tmp_path, monkeypatch):
     import kdbackdoor.distill.data_free as data_free
     _, test = digits
-    steps = {"zskt": 1, "dfad": 1, "deepinversion": 3, "cmi": 3}[method]
+    steps = {"zskt": 1, "dfad": 1, "deepinversion": 3, "cmi": 3, "fast": 2}[method]
     config = DataFreeConfig(method=method, synthesis_steps=steps, **TINY)
     full, full_record = distill_data_free(digits_teacher, test, "small-cnn", config, tmp_path / "full", device=CPU,
                                           progress=False, evaluate_teacher=False)

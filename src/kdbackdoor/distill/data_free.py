@@ -15,6 +15,8 @@ synthesis round, then ``student_steps`` student steps on images the synthesiser 
 - ``cmi`` (Contrastive Model Inversion, Fang et al. 2021): a re-initialised generator and
   learnable latents per round (200 steps), BatchNorm + one-hot + adversarial + contrastive
   terms with a memory bank, growing pool; KL at T = 20.
+- ``fast`` (Fast-DFKD, Fang et al. 2022): a meta-learned generator adapted in 5 steps per round
+  (``kdbackdoor.distill.synthesis.fast_meta``), growing pool; KL at T = 20.
 
 A defense (``kdbackdoor.distill.hooks.DistillDefense``) may add a synthesis term, weight the
 student's samples or replace its step. Training state is saved atomically every

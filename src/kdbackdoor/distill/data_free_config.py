@@ -26,11 +26,14 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "cmi": {"latent_dim": 256, "synthesis_lr": 1e-3, "synthesis_steps": 200, "synthesis_batch_size": 256,
             "student_steps": 2000, "bn_weight": 1.0, "onehot_weight": 0.5, "adv_weight": 0.5,
             "contrastive_weight": 0.8, "checkpoint_every": 1},
+    "fast": {"latent_dim": 256, "synthesis_lr": 2e-3, "latent_lr": 0.015, "synthesis_steps": 5,
+             "synthesis_batch_size": 256, "student_steps": 50, "bn_weight": 10.0, "onehot_weight": 0.4,
+             "adv_weight": 1.1, "checkpoint_every": 10},
 }
 COMMON_DEFAULTS: dict = {
     "latent_dim": 256, "student_optimizer": "sgd", "student_lr": 0.1, "loss": "kl", "temperature": 20.0,
     "attention_beta": 0.0, "bn_weight": 0.0, "onehot_weight": 0.0, "tv_weight": 0.0, "l2_weight": 0.0,
-    "adv_weight": 0.0, "contrastive_weight": 0.0, "checkpoint_every": 50, "max_grad_norm": 0.0,
+    "adv_weight": 0.0, "contrastive_weight": 0.0, "checkpoint_every": 50, "max_grad_norm": 0.0, "latent_lr": 0.0,
 }
 
 
@@ -48,6 +51,7 @@ class DataFreeConfig(BaseModel):
     synthesis_lr: float | None = Field(None, gt=0, description="Adam step of the generator (or of the pixels, "
                                        "deepinversion)")
     latent_dim: int | None = Field(None, ge=1)
+    latent_lr: float | None = Field(None, ge=0, description="Adam step of the learnable latents (fast)")
     generator_width: int = Field(64, ge=4, description="channels of the generator's first feature map")
     generator_output: GeneratorOutput = Field(
         "batchnorm", description="last layer of the zskt/dfad generator: batchnorm (as ZSKT and ABD: images made in the "

@@ -43,7 +43,7 @@ from kdbackdoor.training import TrainConfig
 # The one list of method, defense and tracker names; the distillation adapter says which of
 # them this installation can run (``kdbackdoor.experiment.distillation.check_available``).
 DATASET_METHODS = ("dataset", "ood")
-DATA_FREE_METHODS = ("zskt", "dfad", "deepinversion", "cmi")
+DATA_FREE_METHODS = ("zskt", "dfad", "deepinversion", "cmi", "fast")
 DISTILL_METHODS = DATASET_METHODS + DATA_FREE_METHODS
 # defense -> the methods it applies to (ABD's to the data-free ones and to OOD KD)
 DEFENSES = {"none": DISTILL_METHODS, "abd": (*DATA_FREE_METHODS, "ood"), "sv": (*DATA_FREE_METHODS, "ood"),
