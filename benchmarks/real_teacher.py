@@ -39,7 +39,7 @@ from common import SHARED, machine, variant_suffix, write_results
 DEFAULT_OUT = "runs/bench-real-teacher"
 SCALES = {
     "cpu": dict(classes=10, train_per_class=100, test_per_class=30, teacher_epochs=6, student_epochs=6,
-                scan_subset=60, scan_steps=30, poison_threshold=0.5),
+                scan_subset=60, scan_steps=30, poison_threshold=0.2),
     "smoke": dict(classes=3, train_per_class=20, test_per_class=10, teacher_epochs=1, student_epochs=1,
                   scan_subset=20, scan_steps=5, poison_threshold=0.01),
     "gpu": dict(classes=10, train_per_class=5000, test_per_class=1000, teacher_epochs=40, student_epochs=40,
