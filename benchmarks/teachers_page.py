@@ -55,7 +55,7 @@ def measured(_: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-PAGES = [Page(GUIDE, lambda text: replace_block(text, "real-teacher", measured()))]  # needs the block markers back
+PAGES = [Page(GUIDE, lambda text: replace_block(text, "real-teacher", measured()))]
 
 if __name__ == "__main__":
     raise SystemExit(main(PAGES))
