@@ -31,16 +31,17 @@ from pathlib import Path
 
 import torch
 
+import kdbackdoor.defenses  # noqa: F401  (registers the defenses)
 from common import variant_suffix, write_results
 from kdbackdoor.data.sources import load_dataset
-from kdbackdoor.defenses.abd import DATA_FREE_DEFENSES, abd_halves, build_data_free_defense
 from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
 from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
 from kdbackdoor.distill.data_free import distill_data_free
 from kdbackdoor.distill.data_free_config import DataFreeConfig
 from kdbackdoor.distill.dataset_kd import distill
-from kdbackdoor.distill.record import Backdoor, defense_parts
+from kdbackdoor.distill.hooks import DEFENSES, build_defense
 from kdbackdoor.distill.losses import KDConfig
+from kdbackdoor.distill.record import Backdoor, defense_parts
 from kdbackdoor.models import build_model, load_checkpoint
 from kdbackdoor.run_record import read_run_record
 from kdbackdoor.numerics import to_layout
@@ -84,6 +85,9 @@ SCALES = {
                                 batch_size=128, eval_every=5)},
     },
 }
+
+DATA_FREE_DEFENSES = tuple(name for name, entry in DEFENSES.items() if "data-free" in entry.kinds)
+"""Defenses of data-free KD (ABD's and any other registered one), each also tried on OOD KD."""
 
 
 def teacher_backdoor(sidecar: dict) -> Backdoor:
@@ -176,8 +180,8 @@ def main() -> None:
         raise SystemExit(f"scale {args.scale} has settings for {', '.join(scale['methods'])} (and ood) only")
     if args.methods and "ood" in args.methods and not args.ood_data:
         raise SystemExit("--methods ood needs --ood-data")
-    vaccine = ShufflingVaccineConfig(tail_test=not args.sv_always, seed=args.seed)
-    retrospection = SelfRetrospectionConfig(start=scale["sr_start"], rounds=args.sr_rounds, seed=args.seed)
+    settings = dict(vaccine=ShufflingVaccineConfig(tail_test=not args.sv_always, seed=args.seed),
+                    retrospection=SelfRetrospectionConfig(start=scale["sr_start"], rounds=args.sr_rounds, seed=args.seed))
     for method in scale["methods"]:
         for defense_name in DATA_FREE_DEFENSES:
             name = f"{method}-{defense_name}"
@@ -186,7 +190,7 @@ def main() -> None:
             config = DataFreeConfig(method=method, seed=args.seed, **scale["methods"][method])
 
             def make(config=config, defense_name=defense_name, folder=out / name):
-                defense = build_data_free_defense(defense_name, vaccine=vaccine, retrospection=retrospection)
+                defense = build_defense(defense_name, config.method, **settings)
                 return distill_data_free(teacher, test, student_arch, config, folder, device=device,
                                          backdoor=backdoor, defense=defense, resume=True, progress=False,
                                          metadata=metadata())[1]
@@ -203,10 +207,9 @@ def main() -> None:
         name = f"ood-{defense_name}"
         if ood is None or "ood" not in chosen or defense_name not in args.defenses:
             continue
-        uses_vaccine, uses_retrospection = abd_halves(defense_name)
-        report(name, run(out / name, lambda name=name, v=uses_vaccine, r=uses_retrospection: distill(
+        report(name, run(out / name, lambda name=name, defense_name=defense_name: distill(
             teacher, ood, test, student_arch, train_config, kl_only, out / name, device=device, backdoor=backdoor,
-            resume=True, progress=False, vaccine=vaccine if v else None, retrospection=retrospection if r else None,
+            resume=True, progress=False, defense=build_defense(defense_name, "ood", **settings),
             metadata=metadata())[1]))
 
     # The table lists every finished run in --out, read when it is written: a call that shares --out

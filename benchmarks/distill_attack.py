@@ -33,8 +33,8 @@ from kdbackdoor.attacks.engines import build_engine
 from kdbackdoor.data.poisoned_set import load_poisoned_set, save_poisoned_set
 from kdbackdoor.data.sources import load_dataset
 from kdbackdoor.distill.dataset_kd import distill
-from kdbackdoor.distill.record import Backdoor
 from kdbackdoor.distill.losses import KDConfig
+from kdbackdoor.distill.record import Backdoor
 from kdbackdoor.models import load_checkpoint
 from kdbackdoor.runtime import select_device
 from kdbackdoor.training import TrainConfig

@@ -31,10 +31,10 @@ from kdbackdoor.data.sources import load_dataset
 from kdbackdoor.defenses.audit import audit_report, remove_flagged, run_filters
 from kdbackdoor.defenses.filters import AuditContext, build_filter
 from kdbackdoor.defenses.filters.base import flag_top_share, score_against_provenance
-from kdbackdoor.defenses.robust_kd import RobustKDConfig
+from kdbackdoor.defenses.robust_kd import RobustKD, RobustKDConfig
 from kdbackdoor.distill.dataset_kd import distill
-from kdbackdoor.distill.record import Backdoor
 from kdbackdoor.distill.losses import KDConfig
+from kdbackdoor.distill.record import Backdoor
 from kdbackdoor.models import load_checkpoint
 from kdbackdoor.runtime import select_device
 from kdbackdoor.training import TrainConfig
@@ -123,7 +123,7 @@ def main() -> None:
             started = time.perf_counter()
             _, record = distill(teacher, train, test, args.student, config, KDConfig(kd_lambda=1.0, temperature=4.0),
                                 folder, device=device, backdoor=backdoor, evaluate_teacher=False, resume=True,
-                                progress=False, robust=robust if name.startswith("robust") else None)
+                                progress=False, defense=RobustKD(robust) if name.startswith("robust") else None)
             record["bench_seconds"] = time.perf_counter() - started
             write_json(folder / "metrics.json", record)
         results["students"][name] = {"acc": record["metrics"]["acc"], "asr": record["metrics"]["asr"],

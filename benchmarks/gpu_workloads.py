@@ -156,19 +156,20 @@ def zskt_iterations(teacher_arch: str, student_arch: str, batch: int, student_st
     """Seconds per ZSKT iteration (one generator step + ``student_steps`` student steps of ``batch``,
     attention transfer on) plain, with ABD's vaccine on (SV), and in ABD's SR phase (SR + SV), and
     the plain student step against a bare KD step of the same batch."""
-    from kdbackdoor.defenses.abd import build_data_free_defense
+    import kdbackdoor.defenses  # noqa: F401  (registers the defenses)
     from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
-    from kdbackdoor.distill.data_free import DataFreeConfig, _Run
-    from kdbackdoor.distill.hooks import DistillDefense
+    from kdbackdoor.distill.data_free import DataFreeRun
+    from kdbackdoor.distill.data_free_config import DataFreeConfig
+    from kdbackdoor.distill.hooks import DistillDefense, build_defense
     torch.manual_seed(0)
     teacher = to_layout(build_model(teacher_arch, 10, 3, (32, 32)).to(device)).eval().requires_grad_(False)
     config = DataFreeConfig(method="zskt", iterations=1000, batch_size=batch, student_steps=student_steps)
     out: dict = {"batch": batch, "student_steps": student_steps, "numerics": numerics_record(device)}
     runs = {}
     for variant in ("none", "sv", "abd"):
-        defense = build_data_free_defense(variant, vaccine=ShufflingVaccineConfig(tail_test=False))
+        defense = build_defense(variant, "zskt", vaccine=ShufflingVaccineConfig(tail_test=False))
         student = build_model(student_arch, 10, 3, (32, 32)).to(device)
-        runs[variant] = _Run(teacher, student, (3, 32, 32), config, device, defense or DistillDefense())
+        runs[variant] = DataFreeRun(teacher, student, (3, 32, 32), config, device, defense or DistillDefense())
     seconds: dict[str, list[float]] = {v: [] for v in runs}
     index = {"none": 0, "sv": 0, "abd": 999}  # abd at its last iteration: SR's phase is on
     for variant, run in runs.items():

@@ -36,15 +36,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+import kdbackdoor.defenses  # noqa: F401  (registers the defenses)
 from common import interleaved, medians, rss_bytes, synchronize, timed, top_ops, training_images, write_results
 from kdbackdoor.attacks.distill_poisoning import DistillPoisonConfig, craft_poisoned_set
 from kdbackdoor.attacks.engines import build_engine
 from kdbackdoor.data.dataset import ImageDataset
-from kdbackdoor.defenses.abd import build_data_free_defense
 from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
-from kdbackdoor.distill.data_free import METHODS, DataFreeConfig, _Run
+from kdbackdoor.distill.data_free import METHODS, DataFreeRun
+from kdbackdoor.distill.data_free_config import DataFreeConfig
 from kdbackdoor.distill.dataset_kd import distill
-from kdbackdoor.distill.hooks import DistillDefense
+from kdbackdoor.distill.hooks import DistillDefense, build_defense
 from kdbackdoor.distill.losses import KDConfig, kd_loss, precompute_logits
 from kdbackdoor.distill.synthesis import ContrastiveInversion
 from kdbackdoor.models import build_model
@@ -282,21 +283,21 @@ def pgd_benchmark(teacher: torch.nn.Module, data: ImageDataset, s: Settings, dev
 # ---------------------------------------------------------------- data-free KD
 
 
-def data_free_run(teacher: torch.nn.Module, method: str, variant: str, s: Settings, device: torch.device) -> _Run:
+def data_free_run(teacher: torch.nn.Module, method: str, variant: str, s: Settings, device: torch.device) -> DataFreeRun:
     """A data-free run of ``method`` with defense ``variant`` (none, sv, sr, abd) at benchmark sizes.
 
     The vaccine's tail test is off so that its synthesis term runs from the first step (its
     steady-state cost); everything else has the toolkit's defaults."""
     config = DataFreeConfig(method=method, iterations=1000, batch_size=s.df_batch, synthesis_batch_size=s.df_batch,
                             synthesis_steps=s.df_synthesis_steps, student_steps=s.df_student_steps)
-    defense = build_data_free_defense(variant, vaccine=ShufflingVaccineConfig(tail_test=False))
+    defense = build_defense(variant, method, vaccine=ShufflingVaccineConfig(tail_test=False))
     torch.manual_seed(0)
     student = build_model(s.student, teacher.num_classes, teacher.in_channels, teacher.input_size).to(device)
     image_shape = (teacher.in_channels, *teacher.input_size)
-    return _Run(teacher, student, image_shape, config, device, defense or DistillDefense())
+    return DataFreeRun(teacher, student, image_shape, config, device, defense or DistillDefense())
 
 
-def _step_seconds(run: _Run, index: int) -> tuple[float, float]:
+def _step_seconds(run: DataFreeRun, index: int) -> tuple[float, float]:
     """(seconds per synthesis step, seconds per student step) of one more iteration of ``run``."""
     before = dict(run.seconds)
     run.iteration(index)

@@ -161,11 +161,12 @@ def _attack_row(row: Row, context: RowContext) -> dict:
 
 
 def _zskt_row(row: Row, context: RowContext) -> dict:
-    from kdbackdoor.defenses.abd import build_data_free_defense
+    import kdbackdoor.defenses  # noqa: F401  (registers the defenses)
     from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
     from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
     from kdbackdoor.distill.data_free import distill_data_free
     from kdbackdoor.distill.data_free_config import DataFreeConfig
+    from kdbackdoor.distill.hooks import build_defense
     p, scale = row.params, context.scale
     teacher, sidecar = context.teacher(p["trigger"])
     # ABD's published ZSKT sweeps run the vaccine without its tail test; the ablation turns it on
@@ -175,7 +176,7 @@ def _zskt_row(row: Row, context: RowContext) -> dict:
                                             seed=row.seed)
     settings = {**scale["zskt"], **({"iterations": p["iterations"]} if "iterations" in p else {})}
     config = DataFreeConfig(method="zskt", seed=row.seed, **settings)
-    defense = build_data_free_defense(p["defense"], vaccine=vaccine, retrospection=retrospection)
+    defense = build_defense(p["defense"], "zskt", vaccine=vaccine, retrospection=retrospection)
     _, record = distill_data_free(teacher, context.test(scale["test_every"]), scale["student"], config,
                                   context.work / "runs" / row.id, device=context.device,
                                   backdoor=teacher_backdoor(sidecar), defense=defense, resume=True, progress=False)

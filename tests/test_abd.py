@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kdbackdoor.defenses.abd import CombinedDefense, build_data_free_defense
+from kdbackdoor.defenses.abd import CombinedDefense
+from kdbackdoor.distill.hooks import build_defense
 from kdbackdoor.defenses.hypergradient import implicit_hypergradient
 from kdbackdoor.defenses.self_retrospection import SelfRetrospection, SelfRetrospectionConfig, output_change
 from kdbackdoor.defenses.shuffling_vaccine import (IGNORED_BATCHES, ShufflingVaccine, ShufflingVaccineConfig,
@@ -196,8 +197,8 @@ def test_perturbation_search_finds_a_larger_change_than_random_noise(digits_teac
 
 def test_abd_combines_both_halves_and_runs_in_data_free_distillation(backdoored_digits_teacher, digits, tmp_path):
     teacher, _, _ = backdoored_digits_teacher
-    defense = build_data_free_defense("abd", ShufflingVaccineConfig(tail_test=False),
-                                      SelfRetrospectionConfig(rounds=2))
+    defense = build_defense("abd", vaccine=ShufflingVaccineConfig(tail_test=False),
+                            retrospection=SelfRetrospectionConfig(rounds=2))
     assert isinstance(defense, CombinedDefense)
     config = DataFreeConfig(method="zskt", iterations=3, batch_size=16, student_steps=2)
     _, record = distill_data_free(teacher, digits[1], "small-cnn", config, tmp_path, device=CPU, progress=False,
@@ -207,9 +208,9 @@ def test_abd_combines_both_halves_and_runs_in_data_free_distillation(backdoored_
     # each half says how long its own work took: the overhead, as a share of the run's wall time
     assert 0 < sv["seconds_this_run"] and 0 < sr["seconds_this_run"]
     assert sv["seconds_this_run"] + sr["seconds_this_run"] < record["wall_seconds_this_run"]
-    assert build_data_free_defense("none") is None
+    assert build_defense("none") is None
     with pytest.raises(KDBackdoorError, match="abd, sv, sr"):
-        build_data_free_defense("strip")
+        build_defense("strip")
 
 
 def test_vaccine_marks_triggered_transfer_images(backdoored_digits_teacher, digits):
@@ -268,8 +269,8 @@ def test_abd_for_ood_distillation_filters_the_transfer_set_then_unlearns(backdoo
     config = TrainConfig(epochs=2, batch_size=50, lr=0.05, crop_padding=0, hflip=False, eval_every=0)
     _, record = distill(teacher, transfer, test, "small-cnn", config, KDConfig(kd_lambda=1.0), tmp_path / "abd",
                         device=CPU, progress=False, evaluate_teacher=False,
-                        vaccine=ShufflingVaccineConfig(tail_test=False),
-                        retrospection=SelfRetrospectionConfig(rounds=2, start=0.5))
+                        defense=build_defense("abd", vaccine=ShufflingVaccineConfig(tail_test=False),
+                                              retrospection=SelfRetrospectionConfig(rounds=2, start=0.5)))
     sv, sr = record["defense"]["parts"]
     assert record["defense"]["name"] == "abd" and sv["enabled"] is True and sv["pushed"] > 0
     assert record["train"]["size"] == 200  # pushed away from, not dropped
@@ -278,10 +279,11 @@ def test_abd_for_ood_distillation_filters_the_transfer_set_then_unlearns(backdoo
     assert sv["seconds_this_run"] + sr["seconds_this_run"] < record["wall_seconds_this_run"]
     _, record = distill(teacher, transfer, test, "small-cnn", config, KDConfig(kd_lambda=1.0), tmp_path / "drop",
                         device=CPU, progress=False, evaluate_teacher=False,
-                        vaccine=ShufflingVaccineConfig(tail_test=False, transfer_action="drop"))
+                        defense=build_defense("sv", vaccine=ShufflingVaccineConfig(tail_test=False,
+                                                                                    transfer_action="drop")))
     assert record["defense"]["name"] == "sv" and record["defense"]["dropped"] == sv["pushed"]
     assert record["train"]["size"] == 200 - sv["pushed"]
     _, record = distill(teacher, transfer, test, "small-cnn", config, KDConfig(kd_lambda=1.0), tmp_path / "sr",
                         device=CPU, progress=False, evaluate_teacher=False,
-                        retrospection=SelfRetrospectionConfig(rounds=1))
+                        defense=build_defense("sr", retrospection=SelfRetrospectionConfig(rounds=1)))
     assert record["defense"]["name"] == "sr" and record["defense"]["steps"] == 8 and record["train"]["size"] == 200

@@ -38,12 +38,12 @@ def test_attention_map_and_transfer_loss():
 
 def test_zskt_student_loss_weighs_attention_as_zskt_does(digits_teacher):
     """ZSKT's loss is KL/K + β·AT (its KL is averaged over classes too); ours is KL + β·K·AT."""
-    from kdbackdoor.distill.data_free import _Run
+    from kdbackdoor.distill.data_free import DataFreeRun
     from kdbackdoor.models.features import forward_with_features
     torch.manual_seed(0)
     student = build_model("small-cnn", num_classes=10, in_channels=1, input_size=(8, 8))
     images = torch.rand(16, 1, 8, 8)
-    run = _Run(digits_teacher, student, (1, 8, 8), DataFreeConfig(method="zskt"), CPU, DistillDefense())
+    run = DataFreeRun(digits_teacher, student, (1, 8, 8), DataFreeConfig(method="zskt"), CPU, DistillDefense())
     with use_numerics(Numerics("fp32")):  # compared with fp32 arithmetic below, to 1e-4
         with_attention = float(run.student_loss(images))
         run.stages = None
@@ -176,7 +176,7 @@ def test_interrupted_run_resumes_to_the_same_student(method, digits, digits_teac
     full, full_record = distill_data_free(digits_teacher, test, "small-cnn", config, tmp_path / "full", device=CPU,
                                           progress=False, evaluate_teacher=False)
     assert full_record["resumed_from_iteration"] == 0
-    original = data_free._Run.iteration
+    original = data_free.DataFreeRun.iteration
     calls = {"n": 0}
 
     def crash_at_fifth(self, index):
@@ -185,7 +185,7 @@ def test_interrupted_run_resumes_to_the_same_student(method, digits, digits_teac
             raise KeyboardInterrupt
         return original(self, index)
 
-    monkeypatch.setattr(data_free._Run, "iteration", crash_at_fifth)
+    monkeypatch.setattr(data_free.DataFreeRun, "iteration", crash_at_fifth)
     with pytest.raises(KeyboardInterrupt):
         distill_data_free(digits_teacher, test, "small-cnn", config, tmp_path / "cut", device=CPU,
                           progress=False, evaluate_teacher=False)
@@ -283,7 +283,7 @@ def test_zero_weight_samples_do_not_count(digits_teacher):
     config = DataFreeConfig(method="dfad", iterations=1, batch_size=8)
     import kdbackdoor.distill.data_free as data_free
     student = build_model("small-cnn", num_classes=10, in_channels=1, input_size=(8, 8)).eval()
-    run = data_free._Run(digits_teacher, student, (1, 8, 8), config, CPU, DistillDefense())
+    run = data_free.DataFreeRun(digits_teacher, student, (1, 8, 8), config, CPU, DistillDefense())
     images = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     weights = torch.tensor([1.0, 0, 1, 0, 1, 0])
     weighted = run.student_loss(images, weights)

@@ -51,7 +51,7 @@ def test_resolved_config_reads_back_identically(tmp_path):
     (["distill.method=ood", "distill.data=digits"], "set distill.kd.kd_lambda to 1"),
     (["distill.method=zskt", "distill.defense=robust-kd"], "defense 'robust-kd' applies to methods dataset, ood"),
     (["distill.method=dataset", "distill.defense=sr"], "defense 'sr' applies to methods zskt, dfad, deepinversion, "
-                                                        "cmi, ood"),
+                                                        "cmi, fast, ood"),
     (["distill.method=zskt", "poison.rate=0.1"], "a poisoned distillation set needs method dataset or ood"),
     (["distill.baseline=true"], "distill.baseline compares with the unpoisoned set: it needs a poison section"),
     (["bogus=1"], "bogus: unknown key; allowed here: name, seed, device, data, teacher, poison, distill"),

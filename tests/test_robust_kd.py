@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from kdbackdoor.defenses.robust_kd import RobustKDConfig, RobustTeacher
+from kdbackdoor.defenses.robust_kd import RobustKD, RobustKDConfig, RobustTeacher
 from kdbackdoor.defenses.views import VIEW_KINDS, ViewConfig, apply_view, gaussian_blur, parse_kinds
 from kdbackdoor.distill.dataset_kd import distill
 from kdbackdoor.distill.record import Backdoor
@@ -72,7 +72,7 @@ def test_distill_with_robust_kd_records_the_defense(pgd_set, digits, digits_teac
     robust = RobustKDConfig(views=DIGIT_VIEWS, num_views=2)
     _, record = distill(digits_teacher, data, test, "small-cnn", config, KDConfig(kd_lambda=1.0), tmp_path,
                         device=torch.device("cpu"), backdoor=Backdoor(trigger, TARGET), evaluate_teacher=False,
-                        progress=False, robust=robust)
+                        progress=False, defense=RobustKD(robust))
     defense = record["defense"]
     assert defense["name"] == "robust-kd" and defense["num_views"] == 2
     assert defense["views"]["kinds"] == ["noise", "jpeg"] and defense["targets"].startswith("cached")

@@ -81,9 +81,9 @@ class Registry(Mapping[str, T], Generic[T]):
         return sorted(self._items)
 
     def available(self) -> str:
-        """The names as users write them, sorted and comma-separated."""
+        """The names as users write them, comma-separated, in registration order."""
         shown = (self._usage(name, item) for name, item in self._items.items()) if self._usage else self._items
-        return ", ".join(sorted(shown)) + self._hint
+        return ", ".join(shown) + self._hint
 
     def unknown(self, written: str) -> UnknownNameError:
         """The error for a name nothing is registered under; ``written`` is the name as the user

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
+from pydantic import BaseModel
 
 from kdbackdoor.cli.app import app, console
 from kdbackdoor.cli.common import (load_data, load_teacher, make_trigger, model_source, optional_path, pixel_value, start_run,
@@ -16,11 +17,17 @@ from kdbackdoor.cli.options import (BATCH_SIZE, COMPILE, CROP_PADDING, DATASET_H
 from kdbackdoor.cli.options import MODEL_ARCH, MODEL_INPUT_SIZE, MODEL_MEAN, MODEL_NUM_CLASSES, MODEL_STD
 from kdbackdoor.cli.summaries import run_summary
 from kdbackdoor.data.sources import dataset_record
+from kdbackdoor.defenses.robust_kd import RobustKDConfig
+from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
+from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
+from kdbackdoor.defenses.views import ViewConfig, parse_kinds
 from kdbackdoor.distill.data_free import METHODS as DATA_FREE_METHODS
+from kdbackdoor.distill.hooks import DEFENSES, build_defense, describe_defenses
 from kdbackdoor.errors import KDBackdoorError
 
 DEFENSE = "Defense (--defense)"
-DATA_FREE = "Data-free (--method zskt | dfad | deepinversion | cmi)"
+DATA_FREE = f"Data-free (--method {' | '.join(DATA_FREE_METHODS)})"
+DEFENSE_HELP = "; ".join(describe_defenses().splitlines())
 
 
 @app.command("distill")
@@ -54,11 +61,7 @@ def distill_cmd(
                                           "teacher's recorded backdoor)"),
     target: Optional[int] = typer.Option(None, help="ASR target (default: the poisoned set's or the teacher's)"),
     evaluate_teacher: bool = typer.Option(True, help="also record the teacher's ACC/ASR on the test set"),
-    defense: str = typer.Option("none", help="none | robust-kd (dataset/ood: teacher targets averaged over "
-                                "random views of each image, see docs/defenses-data.md) | abd | sv | sr (data-free and "
-                                "ood: ABD's Shuffling Vaccine and/or Self-Retrospection; for ood the student is "
-                                "pushed away from the teacher on backdoor-like transfer images; see docs/abd.md)",
-                                rich_help_panel=DEFENSE),
+    defense: str = typer.Option("none", help=DEFENSE_HELP, rich_help_panel=DEFENSE),
     sv_coefficient: float = typer.Option(0.1, help="sv/abd: weight of the vaccine's synthesis term (ood: of the "
                                          "push-away term)", rich_help_panel=DEFENSE),
     sv_copies: int = typer.Option(3, help="sv/abd: shuffled teacher copies in the suspect", rich_help_panel=DEFENSE),
@@ -161,7 +164,18 @@ def distill_cmd(
     from kdbackdoor.distill.losses import KDConfig
     from kdbackdoor.runtime import select_device
 
-    robust = _distill_defense(defense, method, views, num_views, noise_sigma, blur_sigma, jpeg_quality, seed)
+    defense_settings = {
+        "robust": lambda: _robust_config(views, num_views, noise_sigma, blur_sigma, jpeg_quality, seed),
+        "vaccine": lambda: validated(
+            ShufflingVaccineConfig, {f: f"--sv-{f.replace('_', '-')}" for f in ShufflingVaccineConfig.model_fields},
+            coefficient=sv_coefficient, copies=sv_copies, layers=sv_layers, tail_test=sv_tail_test, seed=seed,
+            **({} if method in DATA_FREE_METHODS else {"transfer_action": sv_transfer_action})),
+        "retrospection": lambda: validated(
+            SelfRetrospectionConfig, {f: f"--sr-{f.replace('_', '-')}" for f in SelfRetrospectionConfig.model_fields},
+            rounds=sr_rounds, portion=sr_portion, start=sr_start, phase_lr=sr_phase_lr or None,
+            perturb_model=sr_perturb_model, seed=seed),
+    }
+    chosen_defense = _defense(defense, method, defense_settings)
     if method in DATA_FREE_METHODS:
         data_free_config = validated(
             DataFreeConfig, method=method, iterations=iterations, batch_size=batch_size,
@@ -172,10 +186,8 @@ def distill_cmd(
             tv_weight=tv_weight, contrastive_weight=contrastive_weight, pool_size=pool_size,
             save_samples=save_samples, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)
         start_run(out, resume, deterministic)
-        data_free_defense = _data_free_defense(defense, sv_coefficient, sv_copies, sv_layers, sv_tail_test, sr_rounds,
-                                               sr_portion, sr_start, sr_phase_lr, sr_perturb_model, seed)
         _distill_data_free(teacher, model_source(arch, num_classes, input_size, mean, std), student_arch,
-                           data_free_config, data_free_defense, test_data, data_dir, resize, trigger, target,
+                           data_free_config, chosen_defense, test_data, data_dir, resize, trigger, target,
                            evaluate_teacher, out, device, resume, progress)
         return
     if method not in ("dataset", "ood"):
@@ -187,12 +199,6 @@ def distill_cmd(
                           eval_every, seed, cutmix, compile_model, dataset=data, resize=resize)
     kd = validated(KDConfig, kd_lambda=kd_lambda if kd_lambda is not None else (1.0 if method == "ood" else 0.5),
                    temperature=4.0 if temperature is None else temperature)
-    from kdbackdoor.defenses.abd import abd_halves
-    uses_vaccine, uses_retrospection = abd_halves(defense)
-    vaccine = (_vaccine_config(sv_coefficient, sv_copies, sv_layers, sv_tail_test, seed,
-                               transfer_action=sv_transfer_action) if uses_vaccine else None)
-    retrospection = (_retrospection_config(sr_rounds, sr_portion, sr_start, sr_phase_lr, sr_perturb_model, seed)
-                     if uses_retrospection else None)
     dev = select_device(device)
     start_run(out, resume, deterministic)
     model, sidecar = load_teacher(teacher, dev, model_source(arch, num_classes, input_size, mean, std))
@@ -222,8 +228,7 @@ def distill_cmd(
                 "poisoned_set": _poisoned_set_summary(data, manifest) if manifest else None}
     _, record = distill(model, train, test, student_arch, config, kd, out, device=dev, backdoor=backdoor,
                         baseline=use_baseline, evaluate_teacher=evaluate_teacher, resume=resume,
-                        progress=progress, metadata=metadata, robust=robust, vaccine=vaccine,
-                        retrospection=retrospection)
+                        progress=progress, metadata=metadata, defense=chosen_defense)
     console.print(run_summary(record))
     console.print(f"→ {out / 'model.safetensors'}")
 
@@ -255,46 +260,26 @@ def _distill_data_free(teacher, source, student_arch, config, defense, test_data
     console.print(f"→ {out / 'model.safetensors'}")
 
 
-def _distill_defense(defense, method, views, num_views, noise_sigma, blur_sigma, jpeg_quality, seed):
-    """Validate ``--defense`` against ``--method`` (the one place that does); the robust-kd
-    settings, or None when no defense changes the distillation."""
-    from kdbackdoor.experiment.config import DEFENSES
-    if defense not in DEFENSES:
-        raise KDBackdoorError(f"unknown --defense {defense!r}; use {' | '.join(DEFENSES)}")
-    methods = DEFENSES[defense]
-    if method in DEFENSES["none"] and method not in methods:
-        raise KDBackdoorError(f"--defense {defense} works with --method {' | '.join(methods)}, not {method!r}")
-    if defense != "robust-kd":
-        return None
-    from kdbackdoor.defenses.robust_kd import RobustKDConfig
-    from kdbackdoor.defenses.views import ViewConfig, parse_kinds
+def _defense(name: str, method: str, settings: dict[str, Callable[[], BaseModel]]):
+    """The defense ``--defense`` names, checked against ``--method`` (the one place that does), made
+    from the settings it reads (each validated only when read; a setting without options here
+    takes its defaults); None for none."""
+    if name not in DEFENSES:
+        raise KDBackdoorError(f"unknown --defense {name!r}; use {' | '.join(DEFENSES)}")
+    if DEFENSES[name].after_distillation:
+        raise KDBackdoorError(f"--defense {name} acts on the distilled student afterwards; run it as an experiment "
+                              f"(`kdbackdoor run CONFIG distill.defense={name}`)")
+    methods = DEFENSES[name].methods
+    if method in DEFENSES["none"].methods and method not in methods:
+        raise KDBackdoorError(f"--defense {name} works with --method {' | '.join(methods)}, not {method!r}")
+    made = {key: settings[key]() for key in DEFENSES[name].settings if key in settings}
+    return build_defense(name, method if method in methods else None, **made)
+
+
+def _robust_config(views, num_views, noise_sigma, blur_sigma, jpeg_quality, seed) -> RobustKDConfig:
     view_config = validated(ViewConfig, kinds=parse_kinds(views), noise_sigma=pixel_value(noise_sigma, "--noise-sigma"),
                             blur_sigma=blur_sigma, jpeg_quality=jpeg_quality)
     return validated(RobustKDConfig, views=view_config, num_views=num_views, seed=seed)
-
-
-def _vaccine_config(sv_coefficient, sv_copies, sv_layers, sv_tail_test, seed, **more):
-    from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
-    return validated(ShufflingVaccineConfig, {f: f"--sv-{f.replace('_', '-')}" for f in ShufflingVaccineConfig.model_fields},
-                     coefficient=sv_coefficient, copies=sv_copies, layers=sv_layers, tail_test=sv_tail_test, seed=seed,
-                     **more)
-
-
-def _retrospection_config(sr_rounds, sr_portion, sr_start, sr_phase_lr, sr_perturb_model, seed):
-    from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
-    return validated(SelfRetrospectionConfig,
-                     {f: f"--sr-{f.replace('_', '-')}" for f in SelfRetrospectionConfig.model_fields},
-                     rounds=sr_rounds, portion=sr_portion, start=sr_start,
-                     phase_lr=sr_phase_lr or None, perturb_model=sr_perturb_model, seed=seed)
-
-
-def _data_free_defense(defense, sv_coefficient, sv_copies, sv_layers, sv_tail_test, sr_rounds, sr_portion,
-                       sr_start, sr_phase_lr, sr_perturb_model, seed):
-    """The ABD defense object for ``--defense abd|sv|sr`` (None for none), settings validated."""
-    from kdbackdoor.defenses.abd import build_data_free_defense
-    return build_data_free_defense(defense, _vaccine_config(sv_coefficient, sv_copies, sv_layers, sv_tail_test, seed),
-                                   _retrospection_config(sr_rounds, sr_portion, sr_start, sr_phase_lr,
-                                                         sr_perturb_model, seed))
 
 
 def _distill_backdoor(trigger, target, manifest, teacher_backdoor, image_shape, seed):

@@ -1,5 +1,5 @@
-"""ABD (Hong et al., ICML 2023) for data-free distillation: Shuffling Vaccine + Self-Retrospection,
-and the names users pick defenses by (``--defense abd|sv|sr``)."""
+"""ABD (Hong et al., ICML 2023): Shuffling Vaccine + Self-Retrospection, registered as the
+defenses ``abd`` (both halves), ``sv`` and ``sr`` for data-free and OOD distillation."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ import torch
 
 from kdbackdoor.defenses.self_retrospection import SelfRetrospection, SelfRetrospectionConfig
 from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccine, ShufflingVaccineConfig
-from kdbackdoor.distill.hooks import DistillDefense, StudentStep
-from kdbackdoor.errors import KDBackdoorError
-
-DATA_FREE_DEFENSES = ("none", "abd", "sv", "sr")
+from kdbackdoor.distill.hooks import DistillDefense, StudentStep, TransferSet, register_defense
 
 
 class CombinedDefense(DistillDefense):
@@ -37,6 +34,24 @@ class CombinedDefense(DistillDefense):
         weights = [w for w in (part.sample_weights(images) for part in self.parts) if w is not None]
         return torch.stack(weights).prod(0) if weights else None
 
+    def prepare_transfer_set(self, teacher: torch.nn.Module, transfer: TransferSet,
+                             device: torch.device) -> TransferSet:
+        for part in self.parts:
+            transfer = part.prepare_transfer_set(teacher, transfer, device)
+        return transfer
+
+    def teacher_targets(self, teacher: torch.nn.Module, once_per_row: bool) -> torch.nn.Module:
+        for part in self.parts:
+            teacher = part.teacher_targets(teacher, once_per_row)
+        return teacher
+
+    def student_gradients(self, student, optimizer, images) -> list[torch.Tensor] | None:
+        for part in self.parts:
+            grads = part.student_gradients(student, optimizer, images)
+            if grads is not None:
+                return grads
+        return None
+
     def student_step(self, step: StudentStep, images: torch.Tensor, weights: torch.Tensor | None) -> float | None:
         for part in self.parts:
             loss = part.student_step(step, images, weights)
@@ -55,20 +70,25 @@ class CombinedDefense(DistillDefense):
             part.load_state_dict(part_state)
 
 
-def abd_halves(name: str) -> tuple[bool, bool]:
-    """Whether the defense called ``name`` uses (the Shuffling Vaccine, Self-Retrospection)."""
-    return name in ("abd", "sv"), name in ("abd", "sr")
+ABD_KINDS = ("data-free", "ood")
+ABD_SETTINGS = {"vaccine": ShufflingVaccineConfig, "retrospection": SelfRetrospectionConfig}
 
 
-def build_data_free_defense(name: str, vaccine: ShufflingVaccineConfig | None = None,
-                            retrospection: SelfRetrospectionConfig | None = None) -> DistillDefense | None:
-    """The defense called ``name`` (none, abd, sv, sr) with the given settings; None for none."""
-    if name == "none":
-        return None
-    if name not in DATA_FREE_DEFENSES:
-        raise KDBackdoorError(f"unknown defense {name!r} for data-free distillation; use one of "
-                              f"{', '.join(DATA_FREE_DEFENSES)}")
-    uses_vaccine, uses_retrospection = abd_halves(name)
-    parts = ([ShufflingVaccine(vaccine)] if uses_vaccine else []) + (
-        [SelfRetrospection(retrospection)] if uses_retrospection else [])
-    return CombinedDefense(name, parts) if len(parts) > 1 else parts[0]
+@register_defense("abd", kinds=ABD_KINDS, settings=ABD_SETTINGS,
+                  description="ABD: Shuffling Vaccine and Self-Retrospection together (docs/abd.md)")
+def abd(vaccine: ShufflingVaccineConfig, retrospection: SelfRetrospectionConfig) -> CombinedDefense:
+    """Both halves of ABD; on OOD images the vaccine marks the transfer set before training."""
+    return CombinedDefense("abd", [ShufflingVaccine(vaccine), SelfRetrospection(retrospection)])
+
+
+@register_defense("sv", kinds=ABD_KINDS, settings={"vaccine": ShufflingVaccineConfig},
+                  description="ABD's Shuffling Vaccine alone: synthesis (or the OOD transfer set) kept away "
+                              "from backdoor-like images")
+def sv(vaccine: ShufflingVaccineConfig) -> ShufflingVaccine:
+    return ShufflingVaccine(vaccine)
+
+
+@register_defense("sr", kinds=ABD_KINDS, settings={"retrospection": SelfRetrospectionConfig},
+                  description="ABD's Self-Retrospection alone: the student unlearns a universal perturbation")
+def sr(retrospection: SelfRetrospectionConfig) -> SelfRetrospection:
+    return SelfRetrospection(retrospection)

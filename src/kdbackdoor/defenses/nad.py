@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from kdbackdoor.data.dataset import ImageDataset
+from kdbackdoor.distill.hooks import KD_KINDS, register_defense
 from kdbackdoor.distill.losses import attention_transfer_loss
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models.features import forward_with_features
@@ -52,6 +53,13 @@ class NADConfig(BaseModel):
     hflip: bool = Field(True, description="random horizontal flips in both phases")
     seed: Seed = 0
 
+
+
+@register_defense("nad", kinds=KD_KINDS, settings={"nad": NADConfig}, after_distillation=True,
+                  description="NAD: the distilled student purified afterwards on clean data (experiments)")
+def nad(nad: NADConfig) -> None:
+    """NAD changes nothing during distillation: experiments purify the student afterwards."""
+    return None
 
 def clean_subset(data: ImageDataset, size: int, seed: int) -> ImageDataset:
     """A seeded subset of ``min(size, len(data))`` images of ``data`` (the defender's clean set)."""

@@ -10,7 +10,8 @@ JPEG, crop+flip; ``kdbackdoor.defenses.views``) undo it, while clean images keep
 (log-probabilities, usable as logits: the KD loss then applies its temperature as usual),
 so the student learns the view-averaged distribution, in which a poison mostly points back
 to its source class. Each view applies every configured kind in order (default: a random
-crop+flip, then JPEG re-encoding), with fresh random draws per view.
+crop+flip, then JPEG re-encoding), with fresh random draws per view. Registered as the
+defense ``robust-kd`` (dataset and OOD KD), through the ``teacher_targets`` hook.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kdbackdoor.defenses.views import ViewConfig, apply_view
+from kdbackdoor.distill.hooks import DistillDefense, register_defense
 from kdbackdoor.runtime import Seed, Stopwatch, cpu_generator
 
 
@@ -67,3 +69,27 @@ def robust_kd_record(config: RobustKDConfig, cached: bool, seconds: float) -> di
     return {"name": "robust-kd", **config.model_dump(), "targets": how,
             "view": " then ".join(config.views.kinds),
             "teacher_forwards_per_image": config.num_views, "seconds_this_run": seconds}
+
+
+class RobustKD(DistillDefense):
+    """Robust KD as a defense: the student learns ``RobustTeacher``'s view-averaged targets."""
+
+    name = "robust-kd"
+
+    def __init__(self, config: RobustKDConfig | None = None) -> None:
+        self.config = config or RobustKDConfig()
+        self.targets: RobustTeacher | None = None
+        self.once_per_row = False
+
+    def teacher_targets(self, teacher: torch.nn.Module, once_per_row: bool) -> torch.nn.Module:
+        self.targets, self.once_per_row = RobustTeacher(teacher, self.config), once_per_row  # fresh per student
+        return self.targets
+
+    def record(self) -> dict:
+        return robust_kd_record(self.config, self.once_per_row, self.targets.stopwatch.seconds if self.targets else 0.0)
+
+
+@register_defense("robust-kd", kinds=("dataset", "ood"), settings={"robust": RobustKDConfig},
+                  description="teacher targets averaged over random views of each image (docs/defenses-data.md)")
+def robust_kd(robust: RobustKDConfig) -> RobustKD:
+    return RobustKD(robust)

@@ -13,8 +13,8 @@ At each student step, on the synthetic batch x (pixel [0, 1]):
    the implicit hyper-gradient (``kdbackdoor.defenses.hypergradient``);
 3. add the usual distillation gradient on x and take the optimiser step.
 
-It plugs into data-free distillation as the student step (``student_step``) and into
-distillation on a data set (OOD KD) as a ``fit`` step hook (``extra_gradients``).
+It plugs into every KD through the ``student_gradients`` hook: added to each data-free student
+step, and to each optimiser step of distillation on a data set (OOD KD).
 
 The perturbed passes run with the student's BatchNorm running statistics preserved. With
 ``start`` > 0 the defense stays idle for that share of the iterations and then acts as a short
@@ -33,11 +33,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from kdbackdoor.defenses.hypergradient import implicit_hypergradient
-from kdbackdoor.distill.hooks import DistillDefense, StudentStep
+from kdbackdoor.distill.hooks import DistillDefense
 from kdbackdoor.models.batchnorm import preserved_batchnorm_statistics
 from kdbackdoor.numerics import autocast
 from kdbackdoor.runtime import Seed, Stopwatch, cpu_generator
-from kdbackdoor.training import add_gradients
 
 
 class SelfRetrospectionConfig(BaseModel):
@@ -70,12 +69,15 @@ def output_change(changed_logits: torch.Tensor, reference_logits: torch.Tensor) 
 
 
 class SelfRetrospection(DistillDefense):
-    """The student-side half of ABD, as a replacement student step."""
+    """The student-side half of ABD, as gradients added to every student step."""
 
     name = "sr"
 
     def __init__(self, config: SelfRetrospectionConfig | None = None) -> None:
         self.config = config or SelfRetrospectionConfig()
+        self._start_student()
+
+    def _start_student(self) -> None:
         self.rng = cpu_generator(self.config.seed)
         self.active = self.config.start == 0
         self.phase_progress: float | None = None  # share of the SR phase done, when it has its own lr
@@ -85,6 +87,7 @@ class SelfRetrospection(DistillDefense):
 
     def setup(self, teacher, student, device) -> None:
         self.teacher = teacher
+        self._start_student()  # a second student (a baseline) starts afresh
 
     def on_iteration(self, iteration: int, total: int) -> None:
         first = math.floor(self.config.start * total)
@@ -92,26 +95,8 @@ class SelfRetrospection(DistillDefense):
         if self.active and self.config.start > 0 and self.config.phase_lr is not None:
             self.phase_progress = (iteration - first) / (total - first)
 
-    def student_step(self, step: StudentStep, images: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor | None:
-        grads = self.unlearning_gradients(step.student, step.optimizer, images)
-        if grads is None:
-            return None
-        step.optimizer.zero_grad(set_to_none=True)
-        loss = step.loss(images, weights)
-        loss.backward()
-        add_gradients([p for p in step.student.parameters() if p.requires_grad], grads)
-        step.apply_gradients()
-        return loss.detach()
-
-    def extra_gradients(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                        step: int, total: int) -> list[torch.Tensor] | None:
-        """As a ``fit`` step hook (distillation on a data set, e.g. OOD): each optimiser step is an
-        iteration of the schedule (``start``, ``phase_lr``)."""
-        self.on_iteration(step, total)
-        return self.unlearning_gradients(model, optimizer, x)
-
-    def unlearning_gradients(self, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                             images: torch.Tensor) -> list[torch.Tensor] | None:
+    def student_gradients(self, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                          images: torch.Tensor) -> list[torch.Tensor] | None:
         """The hyper-gradient that unlearns the batch's universal perturbation, one per trainable
         parameter of ``student`` (None while idle); in the final phase also sets ``optimizer``'s
         learning rate for this step."""

@@ -16,7 +16,8 @@ record says so. Decisions use synthetic images only.
 For OOD distillation (real transfer images of another data set) ``suspect_transfer_images``
 runs the same test on the transfer set and marks the images the suspect agrees on; the
 distillation then pushes the student away from the teacher on them, as ABD's OOD code does
-(loss = mean KD on the others − coefficient · mean KD on them), or drops them.
+(loss = mean KD on the others − coefficient · mean KD on them), or drops them. The defense
+does this in its ``prepare_transfer_set`` hook, and then has no synthesis to act on.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from kdbackdoor.data.dataset import ImageDataset, to_uint8
-from kdbackdoor.distill.hooks import DistillDefense
+from kdbackdoor.distill.hooks import DistillDefense, TransferSet
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models.classifier import conv_layers
 from kdbackdoor.runtime import Seed, Stopwatch, cpu_generator
@@ -168,12 +169,14 @@ def suspect_transfer_images(teacher: nn.Module, data: ImageDataset, config: Shuf
 
 
 class ShufflingVaccine(DistillDefense):
-    """The synthesis-side half of ABD, as a synthesis-loss hook."""
+    """The synthesis-side half of ABD: a synthesis-loss hook (data-free KD), or the transfer set's
+    filter (OOD KD)."""
 
     name = "sv"
 
     def __init__(self, config: ShufflingVaccineConfig | None = None) -> None:
         self.config = config or ShufflingVaccineConfig()
+        self.transfer_record: dict | None = None  # what it did to an OOD transfer set, if it saw one
         self.batches = 0
         self.enabled: bool | None = None if self.config.tail_test else True  # None: still testing
         self.trials: list[float] = []
@@ -182,7 +185,22 @@ class ShufflingVaccine(DistillDefense):
         self._test_images: list[torch.Tensor] = []
         self.stopwatch = Stopwatch()
 
+    def prepare_transfer_set(self, teacher: nn.Module, transfer: TransferSet, device: torch.device) -> TransferSet:
+        suspicious, record = suspect_transfer_images(teacher, transfer.data, self.config, device=device)
+        self.transfer_record = record
+        if suspicious is None:
+            return transfer
+        if self.config.transfer_action == "drop":
+            record["dropped"] = record["suspicious"]
+            keep = ~suspicious
+            return TransferSet(transfer.data.subset(keep, name=f"{transfer.data.name}-vaccinated"),
+                               None if transfer.push_away is None else transfer.push_away[keep], transfer.push_weight)
+        record["pushed"] = record["suspicious"]
+        return TransferSet(transfer.data, suspicious, self.config.coefficient)
+
     def setup(self, teacher, student, device) -> None:
+        if self.transfer_record is not None:  # OOD KD: the transfer set is vaccinated; nothing to synthesise
+            return
         self.teacher = teacher
         self.suspect = SuspectEnsemble(teacher, self.config.copies, self.config.layers,
                                        cpu_generator(self.config.seed)).to(device).eval().requires_grad_(False)
@@ -216,17 +234,23 @@ class ShufflingVaccine(DistillDefense):
         self._test_images = []
 
     def record(self) -> dict:
+        if self.transfer_record is not None:
+            return self.transfer_record
         return {"name": self.name, "config": self.config.model_dump(), "enabled": self.enabled,
                 "tail_ratios": self.trials, "shuffled_layers": self.suspect.layer_names,
                 "penalised_share": self.penalised / self.seen if self.seen else None,
                 "seconds_this_run": self.stopwatch.seconds}
 
     def state_dict(self) -> dict:
+        if self.transfer_record is not None:
+            return {}
         return {"batches": self.batches, "enabled": self.enabled, "trials": self.trials, "penalised": self.penalised,
                 "seen": self.seen, "suspect": self.suspect.state_dict(),
                 "test_images": [to_uint8(x).cpu() for x in self._test_images]}
 
     def load_state_dict(self, state: dict) -> None:
+        if self.transfer_record is not None:
+            return
         self.batches, self.enabled, self.trials = state["batches"], state["enabled"], state["trials"]
         self.penalised, self.seen = state["penalised"], state["seen"]
         self.suspect.load_state_dict(state["suspect"])

@@ -41,9 +41,9 @@ from kdbackdoor.distill.losses import attention_transfer_loss, kd_divergence
 from kdbackdoor.distill.record import MODEL_FILE, RECORD_FILE, Backdoor, backdoor_record, student_metrics
 from kdbackdoor.distill.synthesis import SYNTHESIZERS, AdversarialGenerator, PooledSynthesizer, SynthesisContext
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.models.compatibility import check_compatible
 from kdbackdoor.image_grid import save_image_batch
 from kdbackdoor.models import build_model, save_checkpoint
+from kdbackdoor.models.compatibility import check_compatible
 from kdbackdoor.models.features import forward_with_features
 from kdbackdoor.models.generator import save_generator
 from kdbackdoor.numerics import autocast, grad_scaler, numerics_record, to_layout
@@ -96,7 +96,7 @@ def distill_data_free(
                           input_size=image_shape[1:])
     student = to_layout(student.to(device))
     defense = defense or DistillDefense()
-    run = _Run(teacher, student, image_shape, config, device, defense)
+    run = DataFreeRun(teacher, student, image_shape, config, device, defense)
     history: list[dict] = []
     start = 0
     if resume and state_path.exists():
@@ -145,8 +145,9 @@ def distill_data_free(
     return student, record
 
 
-class _Run:
-    """Student, optimiser, synthesiser, defense and random state of one run; one iteration of it."""
+class DataFreeRun:
+    """Student, optimiser, synthesiser, defense and random state of one data-free run;
+    ``iteration(i)`` runs one outer iteration (``distill_data_free`` drives it; benchmarks time it)."""
 
     def __init__(self, teacher, student, image_shape, config: DataFreeConfig, device, defense: DistillDefense) -> None:
         self.teacher, self.student, self.config, self.device, self.defense = teacher, student, config, device, defense

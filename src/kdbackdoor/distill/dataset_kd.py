@@ -14,22 +14,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kdbackdoor.atomic import write_json
 from kdbackdoor.data.dataset import ImageDataset
-from kdbackdoor.defenses.robust_kd import RobustKDConfig, RobustTeacher, robust_kd_record
-from kdbackdoor.defenses.self_retrospection import SelfRetrospection, SelfRetrospectionConfig
-from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig, suspect_transfer_images
+from kdbackdoor.distill.hooks import DistillDefense, TransferSet
 from kdbackdoor.distill.losses import KDConfig, kd_loss, precompute_logits
-from kdbackdoor.distill.record import (MODEL_FILE, RECORD_FILE, Backdoor, backdoor_record, combined_record,
-                                      student_metrics)
+from kdbackdoor.distill.record import MODEL_FILE, RECORD_FILE, Backdoor, backdoor_record, student_metrics
 from kdbackdoor.errors import KDBackdoorError
-from kdbackdoor.models.compatibility import check_compatible
 from kdbackdoor.models import build_model, load_checkpoint, save_checkpoint
+from kdbackdoor.models.compatibility import check_compatible
 from kdbackdoor.run_record import environment, file_checksums
 from kdbackdoor.numerics import to_layout
 from kdbackdoor.runtime import seed_everything
@@ -56,9 +52,7 @@ def distill(
     resume: bool = False,
     progress: bool = True,
     metadata: dict | None = None,
-    robust: RobustKDConfig | None = None,
-    vaccine: ShufflingVaccineConfig | None = None,
-    retrospection: SelfRetrospectionConfig | None = None,
+    defense: DistillDefense | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Distill ``teacher`` into a new ``student_arch`` on ``train``; write the run to ``out_dir``.
 
@@ -66,13 +60,11 @@ def distill(
     ``metrics.json``: student ACC (and ASR, per-source-class ASR and, for restricted sources,
     the trigger's false-positive rate on the other classes), the teacher's metrics
     (``evaluate_teacher``), and with ``baseline`` the same for a student distilled in
-    ``out_dir/baseline`` on ``train`` without its poisoned rows. With ``robust`` (the
-    robust-kd defense) the teacher's targets are averaged over random views of each image
-    (``kdbackdoor.defenses.robust_kd``), the baseline's too. ABD's halves, for OOD KD: with
-    ``vaccine`` the Shuffling Vaccine first marks backdoor-like transfer images (if its tail
-    test passes), on which the student is then pushed away from the teacher (or which are
-    dropped: ``vaccine.transfer_action``); with ``retrospection`` every student step also
-    unlearns Self-Retrospection's universal perturbation. Returns (student, record).
+    ``out_dir/baseline`` on ``train`` without its poisoned rows. A ``defense``
+    (``kdbackdoor.distill.hooks``) first prepares the transfer set (e.g. the Shuffling Vaccine
+    marks rows to push the student away from), then, for each student (the baseline's too),
+    chooses the teacher's targets (e.g. robust KD's view averages) and adds gradients to each
+    step (e.g. Self-Retrospection). Returns (student, record).
     """
     out_dir = Path(out_dir)
     labels_used = kd.kd_lambda < 1
@@ -83,16 +75,16 @@ def distill(
     if train.image_shape != test.image_shape:
         raise KDBackdoorError(f"training images are {train.image_shape} but test images {test.image_shape}")
     started = time.perf_counter()
-    train, vaccinated = _vaccinate(teacher, train, vaccine, device)
-    student, record = _distill_one(teacher, train, test, student_arch, config, kd, out_dir, device=device,
-                                   backdoor=backdoor, resume=resume, progress=progress, robust=robust,
-                                   retrospection=retrospection, vaccinated=vaccinated)
+    transfer = TransferSet(train) if defense is None else defense.prepare_transfer_set(teacher, TransferSet(train),
+                                                                                        device)
+    student, record = _distill_one(teacher, transfer, test, student_arch, config, kd, out_dir, device=device,
+                                   backdoor=backdoor, resume=resume, progress=progress, defense=defense)
     if evaluate_teacher:
         record["teacher_metrics"] = student_metrics(teacher, test, backdoor, device)
     if baseline:
-        record["baseline"] = _baseline(teacher, train, test, student_arch, config, kd, out_dir / BASELINE_DIR,
+        record["baseline"] = _baseline(teacher, transfer, test, student_arch, config, kd, out_dir / BASELINE_DIR,
                                        device=device, backdoor=backdoor, resume=resume, progress=progress,
-                                       robust=robust, retrospection=retrospection, vaccinated=vaccinated)
+                                       defense=defense)
     record.update(wall_seconds_this_run=time.perf_counter() - started, device=str(device),
                   environment=environment(device, config.seed), **(metadata or {}))
     _save_run(student, record, out_dir, test.classes,
@@ -107,28 +99,24 @@ def _save_run(student, record: dict, out_dir: Path, classes: list[str], extra_fi
     write_json(out_dir / RECORD_FILE, record)
 
 
-def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, device, backdoor, resume, progress,
-                 robust=None, retrospection=None, vaccinated=None):
+def _distill_one(teacher, transfer: TransferSet, test, student_arch, config, kd, out_dir, *, device, backdoor,
+                 resume, progress, defense: DistillDefense | None = None):
+    train = transfer.data
     seed_everything(config.seed)
     c, h, w = train.image_shape
     student = build_model(student_arch, num_classes=test.num_classes, in_channels=c, input_size=(h, w)).to(device)
     teacher = to_layout(teacher.to(device)).eval()
-    targets = teacher if robust is None else RobustTeacher(teacher, robust)
     augmented = config.crop_padding > 0 or config.hflip or config.cutmix > 0
     # without augmentation every row always looks the same: the teacher runs once per row, not per epoch
-    cached = None if augmented or kd.kd_lambda == 0 else precompute_logits(targets, train.images.to(device))
-    loss_fn = kd_loss(targets, kd, cached, push_away=vaccinated.pushed if vaccinated else None,
-                      push_weight=vaccinated.weight if vaccinated else 0.0)
-    unlearning = None
-    if retrospection is not None:
-        unlearning = SelfRetrospection(retrospection)
-        unlearning.setup(teacher, student, device)
+    once_per_row = not augmented and kd.kd_lambda != 0
+    if defense is not None:
+        defense.setup(teacher, student, device)
+    targets = teacher if defense is None else defense.teacher_targets(teacher, once_per_row)
+    cached = precompute_logits(targets, train.images.to(device)) if once_per_row else None
+    loss_fn = kd_loss(targets, kd, cached, push_away=transfer.push_away, push_weight=transfer.push_weight)
     history = fit(student, train, config, out_dir, loss_fn=loss_fn, test=test, device=device,
-                  resume=resume, progress=progress, description=f"distill {student_arch}", step_hook=unlearning,
+                  resume=resume, progress=progress, description=f"distill {student_arch}", step_hook=defense,
                   trigger=backdoor.trigger if backdoor else None, target=backdoor.target if backdoor else None)
-    parts = [vaccinated.record] if vaccinated is not None else []
-    parts += [robust_kd_record(robust, cached is not None, targets.stopwatch.seconds)] if robust is not None else []
-    parts += [unlearning.record()] if unlearning is not None else []
     poisoned = int(train.provenance.poisoned.sum()) if train.provenance is not None else 0
     record = {
         "student_arch": student_arch,
@@ -137,7 +125,7 @@ def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, dev
         "config": config.model_dump(),
         "kd": kd.model_dump(),
         "teacher_logits_cached": cached is not None,
-        "defense": combined_record(parts),
+        "defense": defense.record() if defense is not None else None,
         "backdoor": backdoor_record(backdoor),
         "metrics": student_metrics(student, test, backdoor, device),
         "history": history,
@@ -145,34 +133,10 @@ def _distill_one(teacher, train, test, student_arch, config, kd, out_dir, *, dev
     return student, record
 
 
-@dataclass
-class Vaccinated:
-    """What the Shuffling Vaccine made of a transfer set: its record, and the rows on which the
-    student is pushed away from the teacher (None: nothing pushed) with ``weight``."""
-
-    record: dict
-    pushed: torch.Tensor | None
-    weight: float
-
-
-def _vaccinate(teacher, train: ImageDataset, vaccine: ShufflingVaccineConfig | None, device):
-    """(the transfer set to train on, ``Vaccinated`` or None): suspicious rows dropped, or marked
-    to be pushed away, as ``vaccine.transfer_action`` says."""
-    if vaccine is None:
-        return train, None
-    suspicious, record = suspect_transfer_images(teacher, train, vaccine, device=device)
-    if suspicious is None:
-        return train, Vaccinated(record, None, vaccine.coefficient)
-    if vaccine.transfer_action == "drop":
-        record["dropped"] = record["suspicious"]
-        return train.subset(~suspicious, name=f"{train.name}-vaccinated"), Vaccinated(record, None, vaccine.coefficient)
-    record["pushed"] = record["suspicious"]
-    return train, Vaccinated(record, suspicious, vaccine.coefficient)
-
-
-def _baseline(teacher, train, test, student_arch, config, kd, out_dir, *, device, backdoor, resume, progress,
-              robust=None, retrospection=None, vaccinated=None):
+def _baseline(teacher, transfer: TransferSet, test, student_arch, config, kd, out_dir, *, device, backdoor, resume,
+              progress, defense=None):
     """The same distillation without the poisoned rows (reused when a finished one is there)."""
+    train = transfer.data
     if train.provenance is None or not train.provenance.poisoned.any():
         raise KDBackdoorError("a baseline needs a poisoned training set (its provenance marks no poison)")
     record_path = out_dir / RECORD_FILE
@@ -180,12 +144,10 @@ def _baseline(teacher, train, test, student_arch, config, kd, out_dir, *, device
         load_checkpoint(out_dir / MODEL_FILE)  # proves the finished baseline is intact
         return json.loads(record_path.read_text())
     keep = ~train.provenance.poisoned
-    clean = train.subset(keep, name=f"{train.name}-without-poisons")
-    if vaccinated is not None and vaccinated.pushed is not None:  # the marks follow their rows
-        vaccinated = Vaccinated(vaccinated.record, vaccinated.pushed[keep], vaccinated.weight)
+    clean = TransferSet(train.subset(keep, name=f"{train.name}-without-poisons"),  # the marks follow their rows
+                        None if transfer.push_away is None else transfer.push_away[keep], transfer.push_weight)
     student, record = _distill_one(teacher, clean, test, student_arch, config, kd, out_dir, device=device,
-                                   backdoor=backdoor, resume=resume, progress=progress, robust=robust,
-                                   retrospection=retrospection, vaccinated=vaccinated)
+                                   backdoor=backdoor, resume=resume, progress=progress, defense=defense)
     _save_run(student, record, out_dir, test.classes, [])
     return record
 

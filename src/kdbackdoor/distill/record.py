@@ -24,15 +24,6 @@ class Backdoor:
     source_classes: list[int] | None = None
 
 
-def combined_record(parts: list[dict]) -> dict | None:
-    """The run record's ``defense``: None, the one defense's record, or several as parts
-    (Shuffling Vaccine + Self-Retrospection are named abd, as in data-free runs)."""
-    if len(parts) < 2:
-        return parts[0] if parts else None
-    names = [part["name"] for part in parts]
-    return {"name": "abd" if names == ["sv", "sr"] else "+".join(names), "parts": parts}
-
-
 def defense_parts(defense: dict | None) -> list[dict]:
     """The records of a run record's ``defense`` one by one: its ``parts``, itself when it is one
     defense, none when there is none (no entry, or data-free KD's ``{"name": "none"}``)."""

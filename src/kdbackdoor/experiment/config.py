@@ -26,6 +26,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import kdbackdoor.defenses  # noqa: F401  (registers the distillation defenses)
 from kdbackdoor.attacks.adba import ADBAConfig
 from kdbackdoor.attacks.backweak import BackWeakConfig
 from kdbackdoor.attacks.distill_poisoning import DistillPoisonConfig
@@ -34,28 +35,30 @@ from kdbackdoor.attacks.teacher_poisoning import PoisonConfig
 from kdbackdoor.defenses.nad import NADConfig
 from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
 from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
+from kdbackdoor.distill.data_free_config import METHOD_DEFAULTS
+from kdbackdoor.distill.hooks import DEFENSES as DEFENSE_REGISTRY
 from kdbackdoor.distill.losses import KDConfig
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.numerics import Numerics
 from kdbackdoor.runtime import Seed
 from kdbackdoor.training import TrainConfig
 
-# The one list of method, defense and tracker names; the distillation adapter says which of
-# them this installation can run (``kdbackdoor.experiment.distillation.check_available``).
+# Method and defense names come from the library's registries (data-free methods:
+# ``METHOD_DEFAULTS``; defenses: ``kdbackdoor.distill.hooks.DEFENSES``).
 DATASET_METHODS = ("dataset", "ood")
-DATA_FREE_METHODS = ("zskt", "dfad", "deepinversion", "cmi", "fast")
+DATA_FREE_METHODS = tuple(METHOD_DEFAULTS)
 DISTILL_METHODS = DATASET_METHODS + DATA_FREE_METHODS
-# defense -> the methods it applies to (ABD's to the data-free ones and to OOD KD)
-DEFENSES = {"none": DISTILL_METHODS, "abd": (*DATA_FREE_METHODS, "ood"), "sv": (*DATA_FREE_METHODS, "ood"),
-            "sr": (*DATA_FREE_METHODS, "ood"), "robust-kd": DATASET_METHODS, "nad": DISTILL_METHODS}
+DEFENSES = {name: entry.methods for name, entry in DEFENSE_REGISTRY.items()}
+"""defense -> the methods it applies to"""
 TRACKERS = ("none", "tensorboard", "mlflow")
 
 # Fields that label a run or choose where it runs, not what it computes: not hashed.
 UNHASHED = ("name", "device", "runtime", "tracking")
 _EMBEDDED_SEEDS = {"teacher": {"train": {"seed"}, "backdoor": {"seed"}, "adba": {"seed"}, "backweak": {"seed"}},
                    "distill": {"train": {"seed"}, "vaccine": {"seed"}, "retrospection": {"seed"}, "nad": {"seed"}}}
-# defense -> the settings sections it reads
-_DEFENSE_SETTINGS = {"vaccine": ("abd", "sv"), "retrospection": ("abd", "sr"), "nad": ("nad",)}
+# settings section -> the defenses that read it
+_DEFENSE_SETTINGS = {section: tuple(name for name, entry in DEFENSE_REGISTRY.items() if section in entry.settings)
+                     for section in ("vaccine", "retrospection", "nad")}
 _NESTED_KEY = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", re.DOTALL)
 _FRACTION = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*/\s*\d+(\.\d*)?\s*$")
 
@@ -138,8 +141,8 @@ class DistillSection(_Section):
     method: Literal[DISTILL_METHODS] = Field("dataset", description="dataset: the transfer set with its labels; "
                                              "ood: images of another data set, KL only; zskt, dfad, "
                                              "deepinversion, cmi: data-free")
-    defense: Literal[tuple(DEFENSES)] = Field("none", description="none | abd | sv | sr (data-free, ood) | "
-                                              "robust-kd (dataset, ood) | nad (any: purifies the student)")
+    defense: Literal[tuple(DEFENSES)] = Field("none", description=" | ".join(  # type: ignore[valid-type]
+        f"{name} ({', '.join(entry.kinds)})" if name != "none" else name for name, entry in DEFENSE_REGISTRY.items()))
     student_arch: str = Field("small-cnn", description="student architecture")
     data: Optional[str] = Field(None, description="transfer set spec (default: the data set's train split; "
                                 "required for ood)")

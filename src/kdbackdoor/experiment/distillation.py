@@ -1,8 +1,8 @@
 """The one place where experiments call into distillation (dataset, OOD and data-free KD).
 
 ``check_available`` says, before any work starts, whether this installation can run the
-configured method and defense; ``distill_student`` runs it. Both follow the library's
-distillation entry points, so a new method or defense is wired in here only.
+configured method and its settings; ``distill_student`` runs it. Defenses are built by name
+from the registry (``kdbackdoor.distill.hooks.DEFENSES``), so a new defense needs no wiring here.
 """
 
 from __future__ import annotations
@@ -14,19 +14,15 @@ import torch
 from pydantic import ValidationError
 
 from kdbackdoor.data.dataset import ImageDataset
+from kdbackdoor.distill.hooks import DEFENSES, DistillDefense, build_defense
 from kdbackdoor.distill.record import Backdoor
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.experiment.config import DATA_FREE_METHODS, ExperimentConfig
 
-# Defenses wired in below; the config accepts every name of ``config.DEFENSES``.
-AVAILABLE_DEFENSES = ("none", "abd", "sv", "sr", "robust-kd", "nad")
-
 
 def check_available(config: ExperimentConfig) -> None:
-    """Raise ``KDBackdoorError`` if the method, its parameters or the defense cannot run here."""
-    if config.distill.defense not in AVAILABLE_DEFENSES:
-        raise KDBackdoorError(f"distill.defense: {config.distill.defense!r} is not available in this installation "
-                              f"(available: {', '.join(AVAILABLE_DEFENSES)})")
+    """Raise ``KDBackdoorError`` if the method or its parameters cannot run here (the config has
+    checked the defense against the registry already)."""
     if config.distill.method in DATA_FREE_METHODS:
         _data_free_config(config)
 
@@ -66,29 +62,16 @@ def distill_student(
     section = config.distill
     seed = config.stage_seed("distill")
     common = dict(device=device, backdoor=backdoor, evaluate_teacher=config.evaluation.evaluate_teacher,
-                  resume=True, progress=progress, metadata=metadata)
-    from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
-    from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
-    from kdbackdoor.defenses.abd import abd_halves, build_data_free_defense
-    seeded = {"seed": seed}
-    uses_vaccine, uses_retrospection = abd_halves(section.defense)
-    vaccine = (section.vaccine or ShufflingVaccineConfig()).model_copy(update=seeded) if uses_vaccine else None
-    retrospection = ((section.retrospection or SelfRetrospectionConfig()).model_copy(update=seeded)
-                     if uses_retrospection else None)
+                  resume=True, progress=progress, metadata=metadata, defense=build_experiment_defense(config))
     if section.method in DATA_FREE_METHODS:
         from kdbackdoor.distill.data_free import distill_data_free
-        defense = build_data_free_defense("none" if section.defense == "nad" else section.defense, vaccine=vaccine,
-                                          retrospection=retrospection)
         student, record = distill_data_free(teacher, test, section.student_arch, _data_free_config(config), out_dir,
-                                            defense=defense, **common)
+                                            **common)
         return _purified(config, student, record, test, out_dir, device, backdoor, progress)
-    from kdbackdoor.defenses.robust_kd import RobustKDConfig
     from kdbackdoor.distill.dataset_kd import distill
     train_config = section.train.model_copy(update={"seed": seed})
-    robust = RobustKDConfig(seed=seed) if section.defense == "robust-kd" else None
     student, record = distill(teacher, transfer, test, section.student_arch, train_config, section.kd, out_dir,
-                              baseline=section.baseline, robust=robust, vaccine=vaccine, retrospection=retrospection,
-                              **common)
+                              baseline=section.baseline, **common)
     return _purified(config, student, record, test, out_dir, device, backdoor, progress)
 
 
@@ -97,7 +80,7 @@ def _purified(config: ExperimentConfig, student: torch.nn.Module, record: dict, 
     """With defense nad: the distilled student purified by NAD on ``nad.clean_size`` images of the data
     set's train split (the defender's clean set); the record's metrics become the purified
     student's, the distilled one's stay as ``metrics_before_defense``. Else ``record`` unchanged."""
-    if config.distill.defense != "nad":
+    if not DEFENSES[config.distill.defense].after_distillation:
         return record
     from kdbackdoor.atomic import write_json
     from kdbackdoor.data.sources import load_dataset
@@ -118,3 +101,13 @@ def _purified(config: ExperimentConfig, student: torch.nn.Module, record: dict, 
     save_checkpoint(purified, folder / "model.safetensors", classes=test.classes, metadata=record)
     write_json(done, record)
     return record
+
+
+def build_experiment_defense(config: ExperimentConfig) -> DistillDefense | None:
+    """``config.distill.defense`` built from the registry with its settings sections (their
+    defaults where the config has none), each seeded with the distillation's seed."""
+    section = config.distill
+    seeded = {"seed": config.stage_seed("distill")}
+    settings = {key: (getattr(section, key, None) or default()).model_copy(update=seeded)
+                for key, default in DEFENSES[section.defense].settings.items()}
+    return build_defense(section.defense, section.method, **settings)
