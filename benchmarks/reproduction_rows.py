@@ -165,8 +165,8 @@ def _zskt_row(row: Row, context: RowContext) -> dict:
     from kdbackdoor.defenses.self_retrospection import SelfRetrospectionConfig
     from kdbackdoor.defenses.shuffling_vaccine import ShufflingVaccineConfig
     from kdbackdoor.distill.data_free import distill_data_free
-    from kdbackdoor.distill.data_free_config import DataFreeConfig
     from kdbackdoor.distill.hooks import build_defense
+    from kdbackdoor.distill.data_free_config import DataFreeConfig
     p, scale = row.params, context.scale
     teacher, sidecar = context.teacher(p["trigger"])
     # ABD's published ZSKT sweeps run the vaccine without its tail test; the ablation turns it on
