@@ -35,6 +35,7 @@ from kdbackdoor.data.dataset import ImageDataset, to_uint8
 from kdbackdoor.distill.hooks import DistillDefense, TransferSet
 from kdbackdoor.errors import KDBackdoorError
 from kdbackdoor.models.classifier import conv_layers
+from kdbackdoor.numerics import autocast
 from kdbackdoor.runtime import Seed, Stopwatch, cpu_generator
 
 IGNORED_BATCHES = 10  # the first synthetic batches (an untrained synthesiser's) say little
@@ -161,8 +162,9 @@ def suspect_transfer_images(teacher: nn.Module, data: ImageDataset, config: Shuf
               "shuffled_layers": suspect.layer_names, "transfer_images": len(data), "suspicious": 0}
     agree = None
     if enabled:
-        agree = torch.cat([suspect(x).argmax(1) == teacher(x).argmax(1)
-                           for x, _, _ in data.batches(batch_size, device=device)]).cpu()
+        with torch.no_grad(), autocast(device):
+            agree = torch.cat([suspect(x).argmax(1) == teacher(x).argmax(1)
+                               for x, _, _ in data.batches(batch_size, device=device)]).cpu()
         record["suspicious"] = int(agree.sum())
     record["seconds_this_run"] = time.perf_counter() - started  # .cpu() above waited for the device
     return agree, record

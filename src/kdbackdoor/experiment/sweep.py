@@ -51,6 +51,7 @@ log = logging.getLogger("kdbackdoor.experiment")
 
 SWEEPS_DIR = "sweeps"
 BACKENDS = ("local", "ray")
+RAY_RETRIES = 3  # resubmissions of a run whose Ray worker or node died
 
 
 class SweepSpec(BaseModel):
@@ -327,7 +328,9 @@ def _run_ray(jobs_list: list[_Job], jobs: int, address: str | None, cpus: float,
         else:
             ray.init(num_cpus=max(1, int(jobs * cpus)), include_dashboard=False)
     try:
-        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_ray_job)
+        # a run whose node or worker process dies is resubmitted (it continues from its folder); errors the
+        # run itself raises are not retried: they come back as its result
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=RAY_RETRIES)(_ray_job)
         pending = {}
         for job in jobs_list:
             submitted(job)
